@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    train the tiny world end to end (the main job)
+#   make test   lint + the whole test suite, notebooks included
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint notebooks clean-outputs
+
+# torch is installed first and pinned: on CPU machines 2.13.0 resolves to the CPU build, and nothing
+# installed after it may pull the multi-GB CUDA build. GPU users use environment.yml instead.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,notebooks]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" bash run_zero2.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests notebooks --nbmake --nbmake-timeout=1200
+
+# Strip executed outputs before committing notebooks.
+clean-outputs: $(STAMP)
+	$(BIN)/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb

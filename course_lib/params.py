@@ -1,0 +1,55 @@
+"""Parameter tables: how many weights each part of a LLaVA has, and how many of them train."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+# LLaVA's parts, in forward order. Matching on the name works for plain and PEFT-wrapped models
+# (`base_model.model.model.vision_tower...`) alike.
+PARTS = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
+
+
+def part_of(param_name: str) -> str:
+    for part in PARTS:
+        if f"{part}." in param_name or param_name.startswith(part):
+            return part
+    return "other"
+
+
+def param_table(model: nn.Module) -> list[dict]:
+    """One row per part: total, trainable and frozen parameter counts (shared tensors counted once)."""
+    rows: OrderedDict[str, dict] = OrderedDict((p, {"module": p, "total": 0, "trainable": 0}) for p in PARTS)
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        row = rows.setdefault(part_of(name), {"module": part_of(name), "total": 0, "trainable": 0})
+        row["total"] += p.numel()
+        row["trainable"] += p.numel() if p.requires_grad else 0
+    out = [r for r in rows.values() if r["total"]]
+    out.append({"module": "total", "total": sum(r["total"] for r in out),
+                "trainable": sum(r["trainable"] for r in out)})
+    for r in out:
+        r["frozen"] = r["total"] - r["trainable"]
+    return out
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    """Render `param_table` rows as aligned text, or as a Markdown table for notebooks."""
+    cols = ["module", "total", "trainable", "frozen", "% trainable"]
+    body = [[r["module"], _fmt(r["total"]), _fmt(r["trainable"]), _fmt(r["frozen"]),
+             f"{100 * r['trainable'] / r['total']:.1f}%"] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+    widths = [max(len(c), *(len(row[i]) for row in body)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=False))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) for row in body]
+    return "\n".join(lines)

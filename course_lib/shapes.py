@@ -1,0 +1,235 @@
+"""The tiny world's data: coloured shapes on a small canvas, with captions and questions.
+
+A scene is a handful of objects, each a (shape, colour) placed in one cell of a 2x2 grid, so every
+object sits unambiguously on the *left* or the *right*. Captions list the objects left to right and
+say which side each is on: the contrastive CLIP stage then has a reason to keep position in the patch
+features, which is what makes left/right questions learnable later (the prototype in issue 5 was
+stuck at chance on left/right when captions never mentioned it).
+
+Everything here is deterministic given a seed. `data_scripts/make_shapes.py` is the CLI around it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+SIDES = ("left", "right")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+BACKGROUND = (245, 245, 245)
+# A question that shows an image asks about it; the `<image>` placeholder follows LLaVA-Instruct's
+# habit of putting it at the start of the first human turn (CC3M captions put it at the end).
+IMAGE = "<image>"
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    cell: int  # 0..3: row-major in the 2x2 grid; columns 0 are left, 1 are right
+
+    @property
+    def side(self) -> str:
+        return SIDES[self.cell % 2]
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+
+
+def random_scene(rng: random.Random, max_objects: int = 3) -> Scene:
+    n = rng.randint(1, max_objects)
+    cells = rng.sample(range(4), n)
+    objs = tuple(Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), c) for c in sorted(cells))
+    return Scene(objs)
+
+
+def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> Image.Image:
+    """Draw the scene; `rng` adds a little jitter in position and size so no two images are alike."""
+    rng = rng or random.Random(0)
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    half = size // 2
+    for obj in scene.objects:
+        col, row = obj.cell % 2, obj.cell // 2
+        r = int(half * rng.uniform(0.28, 0.38))
+        cx = col * half + half // 2 + rng.randint(-half // 8, half // 8)
+        cy = row * half + half // 2 + rng.randint(-half // 8, half // 8)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img
+
+
+def _count_phrase(n: int, noun: str) -> str:
+    return f"{NUMBER_WORDS[n]} {noun}" + ("s" if n != 1 else "")
+
+
+def caption(scene: Scene) -> str:
+    """A caption listing the objects left to right, each with its side."""
+    parts = []
+    for side in SIDES:
+        names = [o.name for o in scene.objects if o.side == side]
+        if names:
+            parts.append(" and ".join(f"a {n}" for n in names) + f" on the {side}")
+    return " , ".join(parts) + " ."
+
+
+def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """(question type, question, short answer) pairs, each answerable from the scene alone."""
+    qs: list[tuple[str, str, str]] = []
+    shape_counts = Counter(o.shape for o in scene.objects)
+    name_counts = Counter(o.name for o in scene.objects)
+    qs.append(("count", "How many shapes are there?", str(len(scene.objects))))
+    shape = rng.choice(SHAPES)
+    qs.append(("count", f"How many {shape}s are there?", str(shape_counts[shape])))
+    for obj in scene.objects:
+        if shape_counts[obj.shape] == 1:
+            qs.append(("color", f"What color is the {obj.shape}?", obj.color))
+        if sum(o.color == obj.color for o in scene.objects) == 1:
+            qs.append(("shape", f"What shape is the {obj.color} object?", obj.shape))
+        if name_counts[obj.name] == 1:
+            qs.append(("position", f"Is the {obj.name} on the left or the right?", obj.side))
+    return qs
+
+
+# Text-only knowledge the tiny LM learns in pretraining: the "language ability" that LLaVA keeps.
+def text_only_qa(rng: random.Random) -> tuple[str, str, str]:
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return "text", f"What is {a} plus {b}?", str(a + b)
+    if kind == 1:
+        corners = {"triangle": "3", "square": "4", "circle": "0"}
+        s = rng.choice(SHAPES)
+        return "text", f"How many corners does a {s} have?", corners[s]
+    mixes = {("red", "yellow"): "orange", ("blue", "yellow"): "green", ("red", "blue"): "purple"}
+    (c1, c2), mixed = rng.choice(list(mixes.items()))
+    return "text", f"What color do you get if you mix {c1} and {c2}?", mixed
+
+
+@dataclass
+class WorldSpec:
+    seed: int = 0
+    image_size: int = 64
+    n_pretrain: int = 3000
+    n_instruct: int = 3000
+    n_eval: int = 300
+    max_objects: int = 3
+    two_image_fraction: float = 0.1
+    text_only_fraction: float = 0.1
+    extra: dict = field(default_factory=dict)
+
+
+def _conv(turns: list[tuple[str, str]], n_images: int) -> list[dict]:
+    conv = []
+    for i, (q, a) in enumerate(turns):
+        if i == 0 and n_images:
+            q = "\n".join([IMAGE] * n_images + [q])
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return conv
+
+
+def _record(sid: str, part: str, qtype: str, answer: str, image, conv: list[dict]) -> dict:
+    """A LLaVA record; the held-out eval part also carries its question type and reference answer."""
+    rec: dict = {"id": sid}
+    if image is not None:
+        rec["image"] = image
+    rec["conversations"] = conv
+    if part == "eval":
+        rec.update(type=qtype, answer=answer)
+    return rec
+
+
+def _save(img: Image.Image, folder: Path, name: str) -> str:
+    img.save(folder / name)
+    return name
+
+
+def _atomic_json(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def write_world(out: Path, spec: WorldSpec) -> dict[str, int]:
+    """Write pretrain/ (chat.json + images_dl/), instruct/ and eval/ under `out`. Returns sizes."""
+    rng = random.Random(spec.seed)
+    out = Path(out)
+    sizes = {}
+
+    pre = out / "pretrain"
+    (pre / "images_dl").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(spec.n_pretrain):
+        scene = random_scene(rng, spec.max_objects)
+        name = _save(render(scene, spec.image_size, rng), pre / "images_dl", f"pre_{i:06d}.png")
+        # CC3M-Pretrain puts <image> after the instruction; we keep that shape.
+        records.append({"id": f"pre_{i:06d}", "image": name, "conversations": [
+            {"from": "human", "value": f"Give a brief description of the image.\n{IMAGE}"},
+            {"from": "gpt", "value": caption(scene)}]})
+    _atomic_json(records, pre / "chat.json")
+    sizes["pretrain"] = len(records)
+
+    for part, n in (("instruct", spec.n_instruct), ("eval", spec.n_eval)):
+        folder = out / part
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        records = []
+        for i in range(n):
+            sid = f"{part}_{i:06d}"
+            r = rng.random()
+            if r < spec.text_only_fraction:
+                qtype, q, a = text_only_qa(rng)
+                records.append(_record(sid, part, qtype, a, None, _conv([(q, a)], 0)))
+            elif r < spec.text_only_fraction + spec.two_image_fraction:
+                scenes = [random_scene(rng, spec.max_objects) for _ in range(2)]
+                shape = rng.choice(SHAPES)
+                counts = [sum(o.shape == shape for o in s.objects) for s in scenes]
+                if counts[0] == counts[1]:
+                    a = "same"
+                else:
+                    a = "first" if counts[0] > counts[1] else "second"
+                names = [_save(render(s, spec.image_size, rng), folder / "images", f"{sid}_{k}.png")
+                         for k, s in enumerate(scenes)]
+                q = f"Which image has more {shape}s: first, second, or same?"
+                records.append(_record(sid, part, "compare", a, names, _conv([(q, a)], 2)))
+            else:
+                scene = random_scene(rng, spec.max_objects)
+                name = _save(render(scene, spec.image_size, rng), folder / "images", f"{sid}.png")
+                qs = questions(scene, rng)
+                turns = rng.sample(qs, min(len(qs), 1 if part == "eval" else rng.randint(1, 3)))
+                conv = _conv([(q, a) for _, q, a in turns], 1)
+                records.append(_record(sid, part, turns[0][0], turns[0][2], name, conv))
+        _atomic_json(records, folder / f"{part}.json")
+        sizes[part] = len(records)
+    return sizes
+
+
+def world_texts(spec: WorldSpec, n: int = 4000) -> list[str]:
+    """Sentences of the world, for training the tokenizer, the CLIP text tower and the tiny LM."""
+    rng = random.Random(spec.seed + 1)
+    texts = []
+    for _ in range(n):
+        scene = random_scene(rng, spec.max_objects)
+        texts.append(caption(scene))
+        texts.extend(f"{q} {a}" for _, q, a in questions(scene, rng))
+        texts.append(" ".join(text_only_qa(rng)[1:]))
+    return texts
