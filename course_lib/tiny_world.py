@@ -278,3 +278,14 @@ def train_llm(cfg: TinyWorldConfig, world: TinyWorld, out: Path) -> None:
         pad_token_id=ids["<|endoftext|>"])
     model.save_pretrained(out)
     tok.save_pretrained(out)
+
+
+def main() -> None:
+    """`python -m course_lib.tiny_world`: build (once) and print the folders as shell variables."""
+    world = ensure_tiny_world()
+    for name in ("root", "data", "tokenizer", "clip", "llm"):
+        print(f"TINY_{name.upper()}={getattr(world, name)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# run_zero2.sh: train a LLaVA with DeepSpeed ZeRO-2. The same script runs 2 CPU ranks on a laptop
+# and N GPUs on a GPU node.
+#
+#   bash run_zero2.sh                 no arguments: the tiny world end to end
+#                                     (empty LLaVA -> stage 1 pretrain -> stage 2 LoRA finetune)
+#   bash run_zero2.sh --stage pretrain --model_name_or_path runs/empty_llava \
+#        --data_path LLaVA-CC3M-Pretrain-595K/ --output_dir runs/pretrain --bf16 true
+#   bash run_zero2.sh --stage finetune --train_type use_lora --model_name_or_path runs/pretrain \
+#        --data_path llava_instruct_150k.json --image_folder coco/train2017 --output_dir runs/lora \
+#        --remove_unused_columns false --bf16 true --dataloader_num_workers 4 \
+#        --gradient_accumulation_steps 8 --save_strategy epoch --report_to tensorboard --learning_rate 2e-4
+#
+# Every Hugging Face TrainingArguments flag passes through to `python -m course_lib.train`.
+# GPU selection: NUM_GPUS=4 or INCLUDE=localhost:0,1 (or --num_gpus N / --include SPEC).
+# Without CUDA: DeepSpeed's CPU accelerator with NUM_PROCS ranks (default 2).
+# --deepspeed PATH replaces the shipped configs/zero2.json (e.g. LLaVA's zero2.json with "auto" values).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
+NUM_GPUS="${NUM_GPUS:-}"
+INCLUDE="${INCLUDE:-}"
+
+args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --num_gpus) NUM_GPUS="$2"; shift 2 ;;
+    --num_gpus=*) NUM_GPUS="${1#*=}"; shift ;;
+    --include) INCLUDE="$2"; shift 2 ;;
+    --include=*) INCLUDE="${1#*=}"; shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+
+launcher=()
+if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  if [[ -n "$INCLUDE" ]]; then launcher+=(--include "$INCLUDE");
+  elif [[ -n "$NUM_GPUS" ]]; then launcher+=(--num_gpus "$NUM_GPUS"); fi
+else
+  export DS_ACCELERATOR=cpu
+  NUM_PROCS="${NUM_PROCS:-2}"
+  launcher+=(--num_gpus "$NUM_PROCS")
+  cores=$(nproc)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / NUM_PROCS > 0 ? cores / NUM_PROCS : 1 ))}"
+fi
+MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+
+train() {  # train FLAGS...: validate in one process (one-line errors), then launch DeepSpeed
+  local flags=("$@")
+  if [[ " ${flags[*]} " != *" --deepspeed "* && " ${flags[*]} " != *" --deepspeed="* ]]; then
+    flags+=(--deepspeed "$HERE/configs/zero2.json")
+  fi
+  "$PYTHON" -m course_lib.train --check_only true "${flags[@]}" || exit 2
+  echo "[run_zero2] deepspeed ${launcher[*]} course_lib.train ${flags[*]}"
+  "$PYTHON" -m deepspeed.launcher.runner "${launcher[@]}" --master_port "$MASTER_PORT" \
+    --module --no_local_rank course_lib.train "${flags[@]}"
+}
+
+if [[ ${#args[@]} -gt 0 ]]; then
+  train "${args[@]}"
+  exit 0
+fi
+
+# --- No arguments: the tiny world, end to end -------------------------------------------------------
+eval "$("$PYTHON" -m course_lib.tiny_world)"
+OUT="${OUT:-runs/tiny}"
+if [[ ! -f "$OUT/empty_llava/config.json" ]]; then
+  "$PYTHON" -m course_lib.build --vision tiny --llm tiny --out "$OUT/empty_llava"
+fi
+# Stage 1, LLaVA-1.5's pretrain recipe scaled down: projector only, lr 1e-3, one epoch.
+train --stage pretrain --model_name_or_path "$OUT/empty_llava" --data_path "$TINY_DATA/pretrain" \
+  --output_dir "$OUT/pretrain" --per_device_train_batch_size 16 --learning_rate 1e-3 --num_train_epochs 1 \
+  --logging_steps 5
+# Stage 2 with LoRA on the language model; the projector trains in full at its own LR.
+train --stage finetune --train_type use_lora --model_name_or_path "$OUT/pretrain" \
+  --data_path "$TINY_DATA/instruct/instruct.json" --image_folder "$TINY_DATA/instruct/images" \
+  --output_dir "$OUT/finetune_use_lora" --per_device_train_batch_size 16 --learning_rate 1e-3 \
+  --projector_lr 1e-3 --num_train_epochs 1 --logging_steps 5
+
+cat <<EOF
+
+Done. Outputs:
+  empty LLaVA          $OUT/empty_llava
+  stage 1 (pretrain)   $OUT/pretrain            (loss curve: $OUT/pretrain/loss_curve.png)
+  stage 2 (LoRA)       $OUT/finetune_use_lora   (loss curve: $OUT/finetune_use_lora/loss_curve.png)
+Chat with it:
+  python -m course_lib.chat --model $OUT/finetune_use_lora \\
+      --image $TINY_DATA/eval/images/eval_000001.png --prompt "What color is the triangle?"
+Score it:
+  python -m course_lib.eval --model $OUT/finetune_use_lora --data $TINY_DATA/eval/eval.json \\
+      --images $TINY_DATA/eval/images
+EOF

@@ -1,0 +1,192 @@
+"""Training: what each stage and train type trains, checkpoints, resume, merge, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration, TrainerCallback
+
+from course_lib import train
+from course_lib.train_types import prepare_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _parts(state: dict, part: str) -> dict:
+    return {k: v for k, v in state.items() if f"{part}." in k}
+
+
+@pytest.fixture(scope="module")
+def small_data(tiny_world, tmp_path_factory):
+    """48 instruct samples (multi-turn, two-image and text-only included) and 48 captions."""
+    out = tmp_path_factory.mktemp("small_data")
+    inst = json.loads((tiny_world.data / "instruct" / "instruct.json").read_text())[:48]
+    (out / "instruct.json").write_text(json.dumps(inst))
+    pre = json.loads((tiny_world.data / "pretrain" / "chat.json").read_text())[:48]
+    (out / "pretrain.json").write_text(json.dumps(pre))
+    return {"instruct": ["--data_path", str(out / "instruct.json"),
+                         "--image_folder", str(tiny_world.data / "instruct" / "images")],
+            "pretrain": ["--data_path", str(out / "pretrain.json"),
+                         "--image_folder", str(tiny_world.data / "pretrain" / "images_dl")]}
+
+
+FAST = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "none",
+        "--learning_rate", "1e-2", "--seed", "0", "--warmup_steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def stage1(empty_llava, small_data, tmp_path_factory):
+    folder, _, _ = empty_llava
+    out = tmp_path_factory.mktemp("stage1")
+    summary = train.run(["--stage", "pretrain", "--model_name_or_path", str(folder), "--output_dir", str(out),
+                         *small_data["pretrain"], *FAST])
+    return out, summary
+
+
+def test_lora_targets_only_the_language_model(empty_llava):
+    _, model, _ = empty_llava
+    import copy
+
+    peft_model = prepare_model(copy.deepcopy(model), "finetune", "use_lora")
+    lora = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    assert lora and all(".language_model." in n for n in lora)
+    assert not any("vision_tower" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    trained = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("multi_modal_projector" in n and "modules_to_save" in n for n in trained)
+
+
+def test_stage1_trains_only_the_projector_and_saves_a_complete_llava(empty_llava, stage1):
+    folder, _, _ = empty_llava
+    out, summary = stage1
+    before = LlavaForConditionalGeneration.from_pretrained(folder).state_dict()
+    after = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    for part in ("vision_tower", "language_model", "lm_head"):
+        for k, v in _parts(before, part).items():
+            assert torch.equal(v, after[k]), k
+    assert all(not torch.equal(v, after[k]) for k, v in _parts(before, "multi_modal_projector").items())
+    assert (out / "projector.safetensors").is_file() and (out / "loss_curve.png").is_file()
+    assert (out / "processor_config.json").is_file() and summary["steps"] == 3
+    from safetensors.torch import load_file
+
+    alone = load_file(out / "projector.safetensors")
+    assert torch.equal(alone["linear_1.weight"], after["model.multi_modal_projector.linear_1.weight"])
+
+
+@pytest.mark.parametrize("train_type,trained,frozen", [
+    ("freeze_vision", ("multi_modal_projector", "language_model", "lm_head"), ("vision_tower",)),
+    ("none", ("multi_modal_projector", "language_model", "lm_head", "vision_tower"), ()),
+    # Compared after merging: the LoRA deltas are folded into the language model's linear layers.
+    ("use_lora", ("multi_modal_projector", "language_model"), ("vision_tower", "lm_head")),
+])
+def test_stage2_train_types_change_exactly_their_modules(stage1, small_data, tmp_path, train_type, trained, frozen):
+    base, _ = stage1
+    before = LlavaForConditionalGeneration.from_pretrained(base).state_dict()
+    out = tmp_path / train_type
+    train.run(["--stage", "finetune", "--train_type", train_type, "--model_name_or_path", str(base),
+               "--output_dir", str(out), *small_data["instruct"], *FAST])
+    if train_type == "use_lora":
+        from course_lib.merge import merge_lora
+
+        assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+        after = merge_lora(out, tmp_path / "merged").state_dict()
+    else:
+        after = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    for part in frozen:
+        for k, v in _parts(before, part).items():
+            assert torch.equal(v, after[k]), f"{part} changed: {k}"
+    for part in trained:
+        assert any(not torch.equal(v, after[k]) for k, v in _parts(before, part).items()), f"{part} unchanged"
+
+
+def test_merged_lora_gives_the_same_logits_as_base_plus_adapter(stage1, small_data, tmp_path):
+    from peft import PeftModel
+
+    from course_lib.merge import merge_lora
+
+    base, _ = stage1
+    out = tmp_path / "lora"
+    train.run(["--stage", "finetune", "--train_type", "use_lora", "--model_name_or_path", str(base),
+               "--output_dir", str(out), *small_data["instruct"], *FAST])
+    merge_lora(out, tmp_path / "merged")
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    peft = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), out).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5)
+
+
+class _Kill(TrainerCallback):
+    """Simulates a run killed at the start of step `at` (after checkpoint at-1 was written)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(stage1, small_data, tmp_path):
+    base, _ = stage1
+    common = ["--stage", "finetune", "--train_type", "freeze_vision", "--model_name_or_path", str(base),
+              *small_data["instruct"], *FAST[2:], "--max_steps", "6", "--save_strategy", "steps",
+              "--save_steps", "3"]
+    train.run([*common, "--output_dir", str(tmp_path / "straight")])
+    with pytest.raises(KeyboardInterrupt):
+        train.run([*common, "--output_dir", str(tmp_path / "killed")], callbacks=[_Kill(4)])
+    # A half-written later checkpoint (no trainer_state.json) must be ignored by --resume auto.
+    (tmp_path / "killed" / "checkpoint-5").mkdir()
+    summary = train.run([*common, "--output_dir", str(tmp_path / "killed"), "--resume_from_checkpoint", "auto"])
+    assert summary["steps"] == 6
+    a = LlavaForConditionalGeneration.from_pretrained(tmp_path / "straight").state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(tmp_path / "killed").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--train_type", "lora_plus"], "--train_type 'lora_plus' is not one of"),
+    (["--stage", "finetune", "--model_name_or_path", "{empty}"], "has no stage-1 projector"),
+    (["--data_path", "/no/such/data.json"], "--data_path /no/such/data.json: no such file"),
+    (["--deepspeed", "{bad_json}"], "not valid JSON"),
+])
+def test_bad_arguments_get_one_line_errors(empty_llava, small_data, tmp_path, capsys, extra, expected):
+    bad = tmp_path / "ds.json"
+    bad.write_text("{stage: 2,}")
+    folder, _, _ = empty_llava
+    extra = [x.format(empty=folder, bad_json=bad) for x in extra]
+    argv = ["--model_name_or_path", str(folder), *small_data["instruct"], "--output_dir", str(tmp_path / "o"),
+            *extra]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err, err
+
+
+def test_run_zero2_two_cpu_ranks_saves_a_loadable_model(empty_llava, small_data, tmp_path):
+    """The real launcher: DeepSpeed ZeRO-2, 2 CPU ranks, then the output loads with from_pretrained."""
+    folder, _, _ = empty_llava
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_PROCS": "2"}
+    cmd = ["bash", str(REPO / "run_zero2.sh"), "--stage", "pretrain", "--model_name_or_path", str(folder),
+           *small_data["pretrain"], "--output_dir", str(tmp_path / "ds"), *FAST, "--bf16", "true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world_size=2" in proc.stdout + proc.stderr or "num_local_procs=2" in proc.stdout + proc.stderr
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ds")
+    summary = json.loads((tmp_path / "ds" / "training_summary.json").read_text())
+    assert summary["steps"] == 3 and model.config.model_type == "llava"
+
+
+def test_run_zero2_bad_flag_is_one_line(tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(REPO / "run_zero2.sh"), "--train_type", "nope", "--output_dir",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --train_type 'nope' is not one of use_lora, freeze_vision, "
+                                                "none (or full)"]
