@@ -61,8 +61,7 @@ def _defaults(stage: str, train_type: str) -> dict[str, str]:
     return {"learning_rate": lr, "per_device_train_batch_size": "16", "num_train_epochs": "1",
             "warmup_steps": "0.03", "lr_scheduler_type": "cosine", "weight_decay": "0.0", "logging_steps": "5",
             "save_strategy": "no", "report_to": "tensorboard", "remove_unused_columns": "false",
-            "dataloader_num_workers": "0",
-            "gradient_checkpointing_kwargs": '{"use_reentrant": false}'}
+            "dataloader_num_workers": "0"}
 
 
 def _given(argv: list[str], flag: str) -> bool:
@@ -87,6 +86,7 @@ def parse_args(argv: list[str]):
         raise TrainSetupError(f"--stage {stage!r} is not one of {', '.join(STAGES)}")
     train_type = normalize_train_type(_value(argv, "train_type", "use_lora"))
     argv = [x for k, v in _defaults(stage, train_type).items() if not _given(argv, k) for x in (f"--{k}", v)] + argv
+    argv = _auto_device(argv)
     if not _given(argv, "output_dir"):
         raise TrainSetupError("--output_dir is required")
     _check_deepspeed_config(_value(argv, "deepspeed", ""))
@@ -144,14 +144,20 @@ def _check_paths(margs: ModelArguments, dargs: DataArguments) -> None:
         raise TrainSetupError(f"--pretrain_projector {margs.pretrain_projector}: no such file")
 
 
+def _auto_device(argv: list[str]) -> list[str]:
+    """bf16 on GPUs that support it unless told otherwise; fp32 on CPU, where a GPU command line
+    (`--bf16 true`) runs unchanged, with a note. On CPU `--use_cpu` also makes accelerate set up the
+    DeepSpeed world from the launcher's ranks (without it, "auto" batch sizes assume one process)."""
+    if torch.cuda.is_available():
+        unset = not (_given(argv, "bf16") or _given(argv, "fp16"))
+        return argv + (["--bf16", "true"] if unset and torch.cuda.is_bf16_supported() else [])
+    wants = [f for f in ("bf16", "fp16") if _given(argv, f) and _value(argv, f, "true").lower() in ("true", "1", "yes")]
+    if wants:
+        _log(f"no CUDA GPU: training in fp32 (--{'/--'.join(wants)} ignored)")
+    return argv + [x for f in wants for x in (f"--{f}", "false")] + ["--use_cpu", "true"]
+
+
 def _precision(targs) -> torch.dtype:
-    """bf16 where the GPU supports it, fp32 on CPU (an explicit --bf16 on a CPU-only machine is noted)."""
-    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if (targs.bf16 or targs.fp16) and not torch.cuda.is_available():
-        _log("no CUDA GPU: training in fp32 (--bf16/--fp16 ignored)")
-        targs.bf16 = targs.fp16 = False
-    elif not targs.fp16 and gpu_bf16 and not targs.bf16:
-        targs.bf16 = True
     return torch.bfloat16 if targs.bf16 else (torch.float16 if targs.fp16 else torch.float32)
 
 
@@ -198,12 +204,22 @@ def _make_trainer(model, targs, dataset, collator, projector_lr, callbacks):
                 self.optimizer = cls(groups, lr=self.args.learning_rate, **kwargs)
             return self.optimizer
 
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # transformers 5 saves Llava checkpoints under the legacy key names (`language_model.model.*`)
+            # but the Trainer's resume loads them non-strictly under the new ones: nothing matches and
+            # the run silently continues from the old weights. from_pretrained applies the key mapping.
+            model = model or self.model
+            if hasattr(model, "peft_config") or self.is_deepspeed_enabled:
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+            model.load_state_dict(loaded.state_dict(), strict=True)
+
         def _get_train_sampler(self, *args, **kwargs):
-            if self.args.group_by_length:
+            if self.args.train_sampling_strategy == "group_by_length":  # lengths known without opening images
                 from .collators import LengthGroupedSampler
 
-                return LengthGroupedSampler(dataset.lengths, self.args.train_batch_size * self.args.world_size,
-                                            seed=self.args.seed)
+                return LengthGroupedSampler(dataset.lengths, self.args.per_device_train_batch_size,
+                                            world_size=self.args.world_size, seed=self.args.seed)
             return super()._get_train_sampler(*args, **kwargs)
 
     return LlavaTrainer(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
@@ -244,6 +260,9 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     from .params import format_table, param_table
 
     dtype = _precision(targs)
+    from transformers import set_seed
+
+    set_seed(targs.seed)  # before LoRA's random init, so a run (and its resume) is reproducible
     model, processor = load_for_training(margs, dtype)
     model = prepare_model(model, margs.stage, margs.train_type, margs.lora_r, margs.lora_alpha, margs.lora_dropout,
                           gradient_checkpointing=targs.gradient_checkpointing)

@@ -1,0 +1,218 @@
+"""Loading trained outputs: full, LoRA (base found from the adapter) and merged load and agree; images are bounded."""
+
+import json
+import shutil
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from course_lib.chat import Chat
+from course_lib.inference import (
+    ImageError,
+    LoadError,
+    adapter_base,
+    checkpoint_kind,
+    find_models,
+    load_image,
+    load_trained,
+    pick_device,
+    pick_dtype,
+    prepare_inputs,
+    user_message,
+)
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A tiny PNG file that claims `width` x `height` pixels: a decompression bomb in 60 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def write_bad_images(folder, good_png):
+    """Files that must be refused, with the words their error must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.txt").write_text("not an image at all")
+    (folder / "broken.png").write_bytes(good_png.read_bytes()[:80])  # a valid header, then truncated
+    (folder / "huge.png").write_bytes(png_header(10_000, 10_000))  # 100 MP: above our limit, Pillow only warns
+    (folder / "bomb.png").write_bytes(png_header(100_000, 100_000))  # 10 GP: Pillow's own guard fires
+    return {
+        folder / "missing.png": "no such file",
+        folder / "notes.txt": "not an image",
+        folder / "broken.png": "corrupt or truncated",
+        folder / "huge.png": "too large",
+        folder / "bomb.png": "too large",
+    }
+
+
+def _perturb(model: torch.nn.Module, names: tuple[str, ...], seed: int, scale: float = 0.05) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(n in name for n in names):
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.fixture(scope="module")
+def trained(empty_llava, tmp_path_factory):
+    """The three kinds of training output, made from the empty LLaVA with weights that visibly moved."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base, _, processor = empty_llava
+    root = tmp_path_factory.mktemp("runs")
+    full = LlavaForConditionalGeneration.from_pretrained(base)
+    _perturb(full, ("language_model.layers.0.", "multi_modal_projector"), seed=1)
+    full.save_pretrained(root / "full")
+    processor.save_pretrained(root / "full")
+
+    peft_model = get_peft_model(LlavaForConditionalGeneration.from_pretrained(base),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
+                                           modules_to_save=["multi_modal_projector"]))
+    _perturb(peft_model, ("lora_", "modules_to_save"), seed=2, scale=0.02)
+    peft_model.save_pretrained(root / "lora")
+    processor.save_pretrained(root / "lora")
+
+    merged = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), root / "lora")
+    merged.merge_and_unload().save_pretrained(root / "merged")
+    processor.save_pretrained(root / "merged")
+    for unfinished in ("checkpoint-10", ".final.partial"):  # what a Trainer leaves while it runs
+        (root / "lora" / unfinished).mkdir()
+        shutil.copy(root / "lora" / "adapter_config.json", root / "lora" / unfinished)
+    return {"base": base, "root": root, "full": root / "full", "lora": root / "lora", "merged": root / "merged"}
+
+
+@pytest.fixture(scope="module")
+def image_prompt(tiny_world):
+    images = [Image.open(p).convert("RGB") for p in sorted((tiny_world.data / "eval" / "images").glob("*.png"))[:2]]
+    return [user_message("Which image has more circles?", 2)], images
+
+
+def _logits(loaded, image_prompt):
+    messages, images = image_prompt
+    inputs = prepare_inputs(loaded.processor, [messages], [images], loaded.device, loaded.dtype)
+    with torch.no_grad():
+        return loaded.model(**inputs).logits
+
+
+def test_kinds_are_recognised_and_the_lora_base_comes_from_the_adapter(trained):
+    assert [checkpoint_kind(trained[k]) for k in ("base", "full", "lora", "merged")] == ["full", "full", "lora", "full"]
+    assert json.loads((trained["lora"] / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        trained["base"])
+    assert adapter_base(trained["lora"]) == trained["base"]
+    loaded = load_trained(trained["lora"], device="cpu")
+    assert loaded.kind == "lora" and loaded.base == trained["base"] and loaded.dtype == torch.float32
+
+
+def test_full_folder_loads_exactly_as_from_pretrained(trained, image_prompt):
+    loaded = load_trained(trained["full"], device="cpu")
+    reference = LlavaForConditionalGeneration.from_pretrained(trained["full"]).eval()
+    messages, images = image_prompt
+    inputs = AutoProcessor.from_pretrained(trained["full"])(
+        text=loaded.processor.apply_chat_template(messages, add_generation_prompt=True), images=images,
+        return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(reference(**inputs).logits, _logits(loaded, image_prompt))
+
+
+def test_lora_and_merged_agree_and_differ_from_the_base(trained, image_prompt):
+    base, lora, merged = (load_trained(trained[k], device="cpu") for k in ("base", "lora", "merged"))
+    lora_logits, merged_logits = _logits(lora, image_prompt), _logits(merged, image_prompt)
+    assert (lora_logits - merged_logits).abs().max().item() < 1e-4
+    # A load that dropped the adapter or the trained projector would sit at the base's logits.
+    assert (lora_logits - _logits(base, image_prompt)).abs().max().item() > 1e-2
+    base_proj = base.model.model.multi_modal_projector.linear_1.weight
+    assert not torch.allclose(merged.model.model.multi_modal_projector.linear_1.weight, base_proj)
+    messages, images = image_prompt
+    question = messages[0]["content"][-1]["text"]
+    answers = [Chat(m).ask(question, images, max_new_tokens=12) for m in (lora, merged)]
+    assert answers[0] == answers[1]
+
+
+def test_all_three_kinds_answer_through_the_same_api(trained, image_prompt):
+    _, images = image_prompt
+    for kind in ("full", "lora", "merged"):
+        loaded = load_trained(trained[kind], device="cpu")
+        chat = Chat(loaded)
+        first = chat.ask("How many circles are there?", images[:1], max_new_tokens=8)
+        second = chat.ask("And here?", images[1:], max_new_tokens=8)
+        assert isinstance(first, str) and isinstance(second, str)
+        assert len(chat.messages) == 4 and len(chat.images) == 2
+
+
+def test_lora_merged_on_load_matches_the_merged_folder(trained, image_prompt):
+    folded = load_trained(trained["lora"], device="cpu", merge_lora=True)
+    assert folded.model.__class__ is LlavaForConditionalGeneration
+    diff = _logits(folded, image_prompt) - _logits(load_trained(trained["merged"], device="cpu"), image_prompt)
+    assert diff.abs().max().item() < 1e-4
+
+
+def test_relative_base_path_is_found_next_to_the_adapter(trained, tmp_path, monkeypatch):
+    adapter = trained["base"].parent / "lora_relative"
+    shutil.copytree(trained["lora"], adapter, dirs_exist_ok=True)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = f"some/training/cwd/{trained['base'].name}"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    assert adapter_base(adapter) == trained["base"].parent / trained["base"].name
+
+
+def test_find_models_lists_trained_outputs_only(trained, tiny_world):
+    (trained["root"] / "logs").mkdir(exist_ok=True)
+    (trained["root"] / "logs" / "config.json").write_text(json.dumps({"architectures": ["Other"]}))
+    found = find_models(trained["root"], trained["root"] / "absent")
+    assert found == sorted([trained["full"], trained["lora"], trained["merged"]])
+
+
+@pytest.mark.parametrize("what,expected", [
+    ("missing", "no such folder"),
+    ("empty", "neither config.json nor adapter_config.json"),
+    ("llm", "describes ['Qwen2ForCausalLM'], expected LlavaForConditionalGeneration"),
+    ("orphan", "base model 'gone/stage1' not found"),
+    ("no_base", "base_model_name_or_path is empty"),
+])
+def test_bad_folders_get_errors_naming_them(trained, tiny_world, tmp_path, what, expected):
+    folder = {"missing": tmp_path / "missing", "empty": tmp_path, "llm": tiny_world.llm}.get(what, tmp_path / what)
+    if what in ("orphan", "no_base"):
+        shutil.copytree(trained["lora"], folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "gone/stage1" if what == "orphan" else None
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match=expected.replace("[", r"\[").replace("(", r"\(")) as err:
+        load_trained(folder, device="cpu")
+    assert str(folder) in str(err.value)
+
+
+def test_device_and_dtype_choice(monkeypatch):
+    assert pick_device("cpu") == torch.device("cpu") and pick_dtype(torch.device("cpu")) == torch.float32
+    assert pick_dtype(torch.device("mps")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert pick_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert pick_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device() == torch.device("cpu")
+
+
+def test_images_are_bounded_and_bad_ones_named(tiny_world, tmp_path):
+    good = next((tiny_world.data / "eval" / "images").glob("*.png"))
+    image = load_image(good)
+    assert image.mode == "RGB" and image.size == (64, 64)
+    assert load_image(good.read_bytes(), name="up.png").tobytes() == image.tobytes()
+    for path, expected in write_bad_images(tmp_path, good).items():
+        with pytest.raises(ImageError, match=expected) as err:
+            load_image(path)
+        assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    with pytest.raises(ImageError, match="the limit is 1,000"):
+        load_image(good, max_pixels=1000)
