@@ -1,7 +1,7 @@
 """Chat with a trained LLaVA: multi-turn, any number of images per turn, streamed token by token.
 
-    python -m course_lib.chat --model runs/stage2_lora --image a.png --image b.png --prompt "Compare them."
-    python -m course_lib.chat --model runs/stage2_lora          # interactive: /image PATH, /reset, /quit
+    python -m course_lib.chat --model runs/tiny/finetune_use_lora --image a.png --image b.png --prompt "Compare them."
+    python -m course_lib.chat --model runs/tiny/finetune_use_lora   # interactive: /image PATH, /reset, /quit
 
 Prompts are built by the processor's chat template from messages whose `content` lists
 {"type": "image"} and {"type": "text"} items, so a turn renders as `<image>\\n...` exactly like the
@@ -173,7 +173,10 @@ def interact(chat: Chat, lines: Iterable[str], pending: list[Image.Image], out=N
         elif command.startswith("/"):
             print(f"unknown command {command}; {HELP}", file=err)
         else:
-            _say(chat, line, pending, out)
+            try:
+                _say(chat, line, pending, out)
+            except GenerationTimeout as error:  # the turn is not kept; the conversation goes on
+                print(f"\nerror: {error}", file=err)
             pending.clear()
 
 
@@ -187,11 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     chat = Chat(loaded, settings, system=args.system)
-    if args.prompt is not None:
-        _say(chat, args.prompt, images, sys.stdout)
-        return 0
-    print(f"chatting with {loaded.path} ({loaded.kind}, {loaded.device}); {HELP}", file=sys.stderr)
-    interact(chat, sys.stdin, images)
+    try:
+        if args.prompt is not None:
+            _say(chat, args.prompt, images, sys.stdout)
+        else:
+            print(f"chatting with {loaded.path} ({loaded.kind}, {loaded.device}); {HELP}", file=sys.stderr)
+            interact(chat, sys.stdin, images)
+    except GenerationTimeout as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C ends the chat, without a traceback
+        print(file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,7 +1,7 @@
 """Load any trained LLaVA for inference: a full folder, a merged LoRA folder, or base + LoRA adapter.
 
-    loaded = load_trained("runs/stage2_lora")   # or runs/stage1, runs/stage2_full, runs/stage2_merged
-    loaded.model, loaded.processor, loaded.kind, loaded.device
+    loaded = load_trained("runs/tiny/finetune_use_lora")   # or runs/tiny/pretrain, a merged folder, ...
+    loaded.model, loaded.processor, loaded.kind, loaded.device, loaded.dtype
 
 A full (or merged) folder is a plain `LlavaForConditionalGeneration` checkpoint. A LoRA folder holds
 PEFT's `adapter_config.json` + `adapter_model.safetensors`; its `base_model_name_or_path` names the
@@ -220,6 +220,7 @@ def load_image(source: str | Path | bytes | Image.Image, name: str | None = None
             raise ImageError(f"{name}: not an image Pillow can read (expected PNG, JPEG, WebP, ...)") from None
     width, height = image.size
     if width * height > max_pixels:
+        image.close()
         raise ImageError(f"{name}: too large ({width}x{height} = {width * height:,} pixels, "
                          f"the limit is {max_pixels:,})")
     try:

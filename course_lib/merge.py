@@ -9,32 +9,23 @@ other servers expect.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+import torch
 
-class MergeError(ValueError):
-    pass
+from .inference import LoadError, load_trained
 
 
 def merge_lora(adapter_dir: str | Path, out: str | Path):
-    """Load base + adapter, fold the LoRA deltas into the weights, save to `out`; returns the model."""
-    from peft import PeftModel
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    adapter_dir = Path(adapter_dir)
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        raise MergeError(f"--model {adapter_dir}: no adapter_config.json; expected a use_lora output folder")
-    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    if not base or not (Path(base) / "config.json").is_file():
-        raise MergeError(f"--model {adapter_dir}: its base model {base!r} (from adapter_config.json) is missing")
-    model = LlavaForConditionalGeneration.from_pretrained(base)
-    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    model.save_pretrained(out)
-    AutoProcessor.from_pretrained(adapter_dir).save_pretrained(out)
-    return model
+    """Load base + adapter (the base found from the adapter's own config), fold the LoRA deltas into the
+    weights, save model and processor to `out` as safetensors; returns the merged model."""
+    loaded = load_trained(adapter_dir, device="cpu", dtype=torch.float32, merge_lora=True)
+    if loaded.kind != "lora":
+        raise LoadError(f"--model {adapter_dir}: not a LoRA output (no adapter_config.json); nothing to merge")
+    loaded.model.save_pretrained(out)
+    loaded.processor.save_pretrained(out)
+    return loaded.model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         merge_lora(args.model, args.out)
-    except MergeError as err:
+    except LoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"merged LLaVA saved to {args.out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 # LLaVA's parts, in forward order. Matching on the name works for plain and PEFT-wrapped models
@@ -52,4 +53,30 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     widths = [max(len(c), *(len(row[i]) for row in body)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=False))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) for row in body]
+    return "\n".join(lines)
+
+
+def changed_parts(before: dict, after: dict) -> list[dict]:
+    """Per part: how many tensors changed between two state dicts (same key names), and the largest change.
+
+    Frozen parts must show 0 changed tensors: bit-identical, not merely close.
+    """
+    rows: OrderedDict[str, dict] = OrderedDict()
+    for name, old in before.items():
+        part = part_of(name)
+        row = rows.setdefault(part, {"module": part, "tensors": 0, "changed": 0, "max_abs_change": 0.0})
+        row["tensors"] += 1
+        if not torch.equal(old, after[name]):
+            row["changed"] += 1
+            row["max_abs_change"] = max(row["max_abs_change"], (old.float() - after[name].float()).abs().max().item())
+    return list(rows.values())
+
+
+def side_by_side(tables: dict[str, list[dict]], column: str = "trainable") -> str:
+    """A Markdown table with one column per run (e.g. train type) of `column` from `param_table` rows."""
+    modules = [r["module"] for r in next(iter(tables.values()))]
+    lines = ["| module | " + " | ".join(tables) + " |", "|---|" + "---|" * len(tables)]
+    for m in modules:
+        cells = [_fmt(next((r[column] for r in rows if r["module"] == m), 0)) for rows in tables.values()]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

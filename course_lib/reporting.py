@@ -24,12 +24,7 @@ def loss_history(run_dir: str | Path) -> list[tuple[int, float]]:
 
 def plot_loss_curves(runs: dict[str, list[tuple[int, float]]], title: str = "training loss"):
     """One line per run; returns the Figure."""
-    import matplotlib
-
-    if "inline" not in matplotlib.get_backend():
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, points in runs.items():
         if points:
@@ -71,3 +66,65 @@ def format_summary(summary: dict) -> str:
         "=" * 64,
     ]
     return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    if "inline" not in matplotlib.get_backend():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def chance_by_type(items) -> dict[str, float]:
+    """A uniform guess over the distinct reference answers of each question type: the floor to beat."""
+    answers: dict[str, set[str]] = {}
+    for item in items:
+        answers.setdefault(item.type, set()).add(item.answer.lower())
+    return {t: 1 / len(a) for t, a in sorted(answers.items())}
+
+
+def plot_accuracy(reports: dict[str, dict], chance: dict[str, float] | None = None, target: float | None = None):
+    """Grouped bars: accuracy per question type (and overall), one bar per model; dashes mark chance."""
+    import numpy as np
+
+    plt = _pyplot()
+    types = sorted({t for r in reports.values() for t in r["by_type"]}) + ["all"]
+    x = np.arange(len(types))
+    width = 0.8 / len(reports)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(types)), 3.5))
+    for k, (name, r) in enumerate(reports.items()):
+        acc = [r["by_type"].get(t, {}).get("accuracy", 0) if t != "all" else r["accuracy"] for t in types]
+        ax.bar(x + (k - (len(reports) - 1) / 2) * width, acc, width, label=name)
+    for i, t in enumerate(types):
+        if chance and t in chance:
+            ax.hlines(chance[t], i - 0.4, i + 0.4, colors="k", linestyles="dashed", linewidth=1)
+    if target is not None:
+        ax.axhline(target, color="red", linewidth=0.8, label=f"target {target:.0%}")
+    ax.set_xticks(x, types)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("exact-match accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_answers(items, reports: dict[str, dict], k: int = 4):
+    """The same images and questions answered by each model, side by side (first image of each item)."""
+    from PIL import Image
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 3.6 + 0.25 * len(reports)), squeeze=False)
+    for ax, item in zip(axes[0], items[:k]):
+        ax.axis("off")
+        if item.images:
+            ax.imshow(Image.open(item.images[0]))
+        lines = [item.messages[-1]["content"].replace("<image>", "").strip()[:40], f"reference: {item.answer}"]
+        for name, r in reports.items():
+            row = next(p for p in r["predictions"] if p["id"] == item.id)
+            lines.append(f"{'✓' if row['correct'] else '✗'} {name}: {row['prediction'][:18]}")
+        ax.set_title("\n".join(lines), fontsize=7, loc="left")
+    fig.tight_layout()
+    return fig

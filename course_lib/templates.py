@@ -10,14 +10,16 @@ Two templates, as in LLaVA's two training stages:
 * `chat` (stage 2, instruction tuning): the tokenizer's own chat template (Qwen2.5's ChatML).
   Only the assistant answers carry loss, each with its closing `<|im_end|>` (so the model learns to end
   its turn). System and user turns, the `<|im_start|>assistant\\n` header, image tokens and the "\\n"
-  after `<|im_end|>` are IGNORE_INDEX: that "\\n" is template glue the model never has to generate,
-  and Qwen's own SFT recipes leave it out of the loss too.
+  after `<|im_end|>` are IGNORE_INDEX. That "\\n" is our choice: generation stops at `<|im_end|>`, so
+  the model never produces it (the next prompt supplies it). Recipes differ here: Qwen-1's finetune.py
+  also labels each turn's `<|im_start|>`/`<|im_end|>`/"\\n", QwenLM/Qwen2.5 examples/sft/finetune.py
+  labels every token, LLaMA-Factory's qwen template labels "answer<|im_end|>\\n".
 
 The answer spans are found by rendering the template on the conversation's prefixes (prefix + generation
 prompt, then the answer + `<|im_end|>` must follow), so nothing here hard-codes ChatML's header text.
 Each piece is tokenized on its own: the answer's tokens then are exactly what the model generates after
-the `<|im_start|>assistant\\n` prompt at inference time. `check_label_spans` decodes the labelled spans
-back and compares them with the answers, character for character.
+the `<|im_start|>assistant\\n` prompt at inference time. `PromptEncoder.check` decodes the labelled
+spans back and compares them with the answers, character for character (the validator and tests use it).
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ class PromptEncoder:
             k = next(k for k in range(max(len(spans), len(expected))) if spans[k:k + 1] != expected[k:k + 1])
             raise DataError("label_mismatch", f"labelled span {k} decodes to {spans[k:k + 1]}, "
                                               f"expected {expected[k:k + 1]}")
+
 
 def labelled_spans(labels: list[int], tokenizer) -> list[str]:
     """The text of each run of labels that carry loss, decoded verbatim (special tokens and spaces kept)."""

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -230,19 +231,23 @@ def _save_outputs(trainer, processor, margs: ModelArguments, out: Path) -> None:
     from safetensors.torch import save_file
 
     staging = out / ".final.partial"
+    base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    base.config.text_config.use_cache = True  # saved for inference
     trainer.save_model(str(staging))  # all ranks: DeepSpeed may need to gather
     if not trainer.is_world_process_zero():
         return
     processor.save_pretrained(staging)
-    projector = trainer.model
-    projector = projector.get_base_model() if hasattr(projector, "get_base_model") else projector
     state = {k: v.detach().float().cpu().contiguous()
-             for k, v in projector.model.multi_modal_projector.state_dict().items()}
+             for k, v in base.model.multi_modal_projector.state_dict().items()}
     if margs.stage == "pretrain" or margs.train_type != "use_lora":
         save_file(state, str(staging / PROJECTOR_FILE), metadata={"format": "pt", "module": PROJECTOR})
     for f in staging.iterdir():
         os.replace(f, out / f.name)
     shutil.rmtree(staging)
+
+
+# Printed once per step per rank by DeepSpeed's ZeRO-2 gradient all-gather on recent torch: noise.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
 def _log(msg: str) -> None:
@@ -264,6 +269,7 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
 
     set_seed(targs.seed)  # before LoRA's random init, so a run (and its resume) is reproducible
     model, processor = load_for_training(margs, dtype)
+    model.config.text_config.use_cache = False  # no KV cache in training (one also disables packed masks)
     model = prepare_model(model, margs.stage, margs.train_type, margs.lora_r, margs.lora_alpha, margs.lora_dropout,
                           gradient_checkpointing=targs.gradient_checkpointing)
     template = dargs.template if dargs.template != "auto" else ("plain" if margs.stage == "pretrain" else "chat")
@@ -291,7 +297,7 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
                "skipped": dict(dataset.stats), "tokens": int(trainer.state.num_input_tokens_seen or 0),
                "seconds": time.time() - start, "final_loss": losses[-1][1] if losses else result.training_loss,
                "train_loss": result.training_loss, "losses": losses, "output_dir": str(out),
-               "loss_curve": str(out / "loss_curve.png"), "trainable": param_table(model)[-1]["trainable"],
+               "loss_curve": str(out / "loss_curve.png"), "param_table": param_table(model),
                "args": {**asdict(margs), **asdict(dargs)}}
     if trainer.is_world_process_zero():
         plot_loss_curves({stage_name: losses}, title=f"{stage_name} loss").savefig(out / "loss_curve.png", dpi=100)

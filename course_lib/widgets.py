@@ -1,7 +1,7 @@
 """An ipywidgets chat with image upload: pick a model, add images, ask, watch the answer stream in.
 
     ui = chat_ui()   # every trained output under the course's runs folder, plus any `models=` passed in
-    ui                              # displays in JupyterLab or Voila
+    ui               # displays in JupyterLab or Voila
 
 Uploads are checked before use: at most `max_upload_bytes` per file, decodable by Pillow, and at most
 `max_pixels` pixels (read from the header, so a decompression bomb is never decoded). A bad file gets
@@ -91,14 +91,17 @@ class ChatUI:
                                   layout=w.Layout(width="50%"))
         self.send = w.Button(description="Send", button_style="primary")
         self.clear = w.Button(description="Clear")
-        self.temperature = w.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.05,
-                                         description="temperature", tooltip="0 = greedy")
-        self.max_new_tokens = w.IntSlider(value=64, min=1, max=512, description="max tokens")
+        wide_label = {"description_width": "initial"}
+        self.temperature = w.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.05, description="temperature",
+                                         tooltip="0 = greedy", style=wide_label)
+        self.max_new_tokens = w.IntSlider(value=64, min=1, max=512, description="max new tokens", style=wide_label)
         self.widget = w.VBox([
             w.HBox([self.picker, self.status]), self.transcript, self.thumbnails,
             w.HBox([self.upload, self.message, self.send, self.clear]),
             w.HBox([self.temperature, self.max_new_tokens]),
         ])
+        for name in ("picker", "status", "transcript", "thumbnails", "upload", "message", "send", "clear"):
+            getattr(self, name).add_class(f"llava-{name}")  # stable CSS hooks for styling and browser tests
         self.upload.observe(self._on_upload, names="value")
         self.picker.observe(self._on_pick, names="value")
         self.send.on_click(self._on_send)
@@ -141,9 +144,9 @@ class ChatUI:
             return  # our own reset below
         for file in files:
             name, content = file.get("name", "upload"), file.get("content", b"")
-            if file.get("size", len(content)) > self.max_upload_bytes or len(content) > self.max_upload_bytes:
-                self.notice(f"{name}: file too large ({len(content):,} bytes, the limit is "
-                            f"{self.max_upload_bytes:,})")
+            size = max(file.get("size", 0), len(content))
+            if size > self.max_upload_bytes:
+                self.notice(f"{name}: file too large ({size:,} bytes, the limit is {self.max_upload_bytes:,})")
                 continue
             try:
                 image = load_image(bytes(content), name=name, max_pixels=self.max_pixels)

@@ -91,22 +91,14 @@ def require_dir(path: Path, expected: str) -> Path:
 
 
 def read_records(path: Path) -> list:
-    """Read a JSON list (``[...]``) or a JSON Lines file (one object per line)."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} is not valid JSON Lines (line {lineno}: {err.msg})") from None
-    return records
+    """Read a JSON list (``[...]``) or a JSON Lines file (one object per line): course_lib's reader."""
+    from course_lib.records import DataError
+    from course_lib.records import read_records as read
+
+    try:
+        return read(path)
+    except DataError as err:
+        raise InputError(err.message) from None
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
