@@ -237,6 +237,7 @@ def _save_outputs(trainer, processor, margs: ModelArguments, out: Path) -> None:
     if not trainer.is_world_process_zero():
         return
     processor.save_pretrained(staging)
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the args are in training_summary.json
     state = {k: v.detach().float().cpu().contiguous()
              for k, v in base.model.multi_modal_projector.state_dict().items()}
     if margs.stage == "pretrain" or margs.train_type != "use_lora":
@@ -308,9 +309,11 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from .records import DataError
+
     try:
         run(argv)
-    except TrainSetupError as err:
+    except (TrainSetupError, DataError) as err:  # user mistakes: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

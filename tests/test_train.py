@@ -123,6 +123,20 @@ def test_merged_lora_gives_the_same_logits_as_base_plus_adapter(stage1, small_da
         assert torch.allclose(merged(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5)
 
 
+def test_packing_and_gradient_checkpointing_train_lora(stage1, small_data, tmp_path):
+    """The speed switches on a LoRA run: packed padding-free batches and checkpointed layers still train."""
+    base, _ = stage1
+    summary = train.run(["--stage", "finetune", "--train_type", "use_lora", "--model_name_or_path", str(base),
+                         "--output_dir", str(tmp_path / "p"), *small_data["instruct"], *FAST, "--packing", "true",
+                         "--gradient_checkpointing", "true"])
+    losses = [loss for _, loss in summary["losses"]]
+    assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)  # finite, non-zero
+    from safetensors.torch import load_file
+
+    lora_b = [v for k, v in load_file(tmp_path / "p" / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert any(v.abs().max() > 0 for v in lora_b)  # LoRA B starts at zero: it moved, so gradients flowed
+
+
 class _Kill(TrainerCallback):
     """Simulates a run killed at the start of step `at` (after checkpoint at-1 was written)."""
 
@@ -173,12 +187,24 @@ def test_bad_arguments_get_one_line_errors(empty_llava, small_data, tmp_path, ca
     assert err.count("\n") == 0 and expected in err, err
 
 
+# haotian-liu/LLaVA scripts/zero2.json, verbatim: `--deepspeed` must accept it with its "auto" values.
+LLAVA_ZERO2 = {"fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+                        "hysteresis": 2, "min_loss_scale": 1},
+               "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+               "gradient_accumulation_steps": "auto",
+               "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                     "sub_group_size": 1e9, "reduce_bucket_size": "auto"}}
+
+
 def test_run_zero2_two_cpu_ranks_saves_a_loadable_model(empty_llava, small_data, tmp_path):
-    """The real launcher: DeepSpeed ZeRO-2, 2 CPU ranks, then the output loads with from_pretrained."""
+    """The real launcher: DeepSpeed ZeRO-2, 2 CPU ranks, LLaVA's own zero2.json and a GPU-style command
+    line (--bf16 true), then the output loads with from_pretrained."""
     folder, _, _ = empty_llava
+    (tmp_path / "zero2.json").write_text(json.dumps(LLAVA_ZERO2))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_PROCS": "2"}
     cmd = ["bash", str(REPO / "run_zero2.sh"), "--stage", "pretrain", "--model_name_or_path", str(folder),
-           *small_data["pretrain"], "--output_dir", str(tmp_path / "ds"), *FAST, "--bf16", "true"]
+           *small_data["pretrain"], "--output_dir", str(tmp_path / "ds"), *FAST, "--bf16", "true",
+           "--deepspeed", str(tmp_path / "zero2.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world_size=2" in proc.stdout + proc.stderr or "num_local_procs=2" in proc.stdout + proc.stderr
