@@ -111,6 +111,31 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     return qs
 
 
+def compare_question(scenes: list[Scene], rng: random.Random) -> tuple[str, str]:
+    """The two-image question: which scene has more of a shape (first, second or same)."""
+    shape = rng.choice(SHAPES)
+    counts = [sum(o.shape == shape for o in s.objects) for s in scenes]
+    answer = "same" if counts[0] == counts[1] else ("first" if counts[0] > counts[1] else "second")
+    return f"Which image has more {shape}s: first, second, or same?", answer
+
+
+def described_chat(rng: random.Random, max_objects: int = 3, compare_fraction: float = 0.2) -> list[tuple[str, str]]:
+    """(user, assistant) turns about a scene *told in words*: the caption stands where the image will be.
+
+    The tiny LM learns from these to answer every image question type from a description at the start
+    of the user turn, so stage 2 only has to make the image tokens stand in for that description, as a
+    real LLM brings its reading and counting skills to LLaVA.
+    """
+    if rng.random() < compare_fraction:
+        scenes = [random_scene(rng, max_objects) for _ in range(2)]
+        q, a = compare_question(scenes, rng)
+        return [(f"first: {caption(scenes[0])}\nsecond: {caption(scenes[1])}\n{q}", a)]
+    scene = random_scene(rng, max_objects)
+    qs = questions(scene, rng)
+    turns = rng.sample(qs, min(len(qs), rng.randint(1, 3)))
+    return [(f"{caption(scene)}\n{turns[0][1]}", turns[0][2])] + [(q, a) for _, q, a in turns[1:]]
+
+
 # Text-only knowledge the tiny LM learns in pretraining: the "language ability" that LLaVA keeps.
 def text_only_qa(rng: random.Random) -> tuple[str, str, str]:
     kind = rng.randrange(3)
@@ -201,15 +226,9 @@ def write_world(out: Path, spec: WorldSpec) -> dict[str, int]:
                 records.append(_record(sid, part, qtype, a, None, _conv([(q, a)], 0)))
             elif r < spec.text_only_fraction + spec.two_image_fraction:
                 scenes = [random_scene(rng, spec.max_objects) for _ in range(2)]
-                shape = rng.choice(SHAPES)
-                counts = [sum(o.shape == shape for o in s.objects) for s in scenes]
-                if counts[0] == counts[1]:
-                    a = "same"
-                else:
-                    a = "first" if counts[0] > counts[1] else "second"
+                q, a = compare_question(scenes, rng)
                 names = [_save(render(s, spec.image_size, rng), folder / "images", f"{sid}_{k}.png")
                          for k, s in enumerate(scenes)]
-                q = f"Which image has more {shape}s: first, second, or same?"
                 records.append(_record(sid, part, "compare", a, names, _conv([(q, a)], 2)))
             else:
                 scene = random_scene(rng, spec.max_objects)

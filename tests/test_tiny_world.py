@@ -64,3 +64,44 @@ def test_tiny_clip_matches_images_to_their_captions(tiny_world):
     best = out.logits_per_image.argmax(-1)
     acc = sum(texts[b] == texts[i] for i, b in enumerate(best.tolist())) / len(texts)
     assert acc > 0.3, acc  # chance is about 1/64
+
+
+def test_described_chat_answers_from_the_description():
+    """The LM's corpus asks about a scene told in words; every answer must follow from that text."""
+    import random
+
+    from course_lib.shapes import described_chat
+
+    rng = random.Random(0)
+    chats = [described_chat(rng) for _ in range(200)]
+    compare = [c for c in chats if c[0][0].startswith("first: ")]
+    assert compare and all(c[0][1] in ("first", "second", "same") and len(c) == 1 for c in compare)
+    single = [c for c in chats if not c[0][0].startswith("first: ")]
+    assert all(c[0][0].split("\n")[0].endswith(" .") and c[0][0].count("\n") == 1 for c in single)
+    red_circles = [c for c in single if "What color is the circle?" in c[0][0]]
+    assert all(f"a {a} circle" in u for (u, a), *_ in red_circles)  # the colour asked is in the caption
+
+
+def test_tiny_lm_knows_text_only_facts_and_reads_descriptions(tiny_world):
+    """Greedy answers of the tiny LM alone, in ChatML: the language ability LLaVA keeps."""
+    import random
+
+    from transformers import Qwen2ForCausalLM
+
+    from course_lib.shapes import described_chat, text_only_qa
+
+    rng = random.Random(123)
+    qa = [text_only_qa(rng)[1:] for _ in range(48)] + [described_chat(rng, compare_fraction=0)[0] for _ in range(48)]
+    tok = AutoTokenizer.from_pretrained(tiny_world.llm)
+    model = Qwen2ForCausalLM.from_pretrained(tiny_world.llm).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q, _ in qa]
+    tok.padding_side = "left"
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    replies = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    text_acc = sum(r.strip() == a for r, (_, a) in zip(replies[:48], qa[:48], strict=True)) / 48
+    described_acc = sum(r.strip() == a for r, (_, a) in zip(replies[48:], qa[48:], strict=True)) / 48
+    assert text_acc >= 0.6, list(zip(replies[:48], qa[:48], strict=True))
+    assert described_acc >= 0.5, list(zip(replies[48:], qa[48:], strict=True))
