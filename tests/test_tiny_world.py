@@ -105,3 +105,15 @@ def test_tiny_lm_knows_text_only_facts_and_reads_descriptions(tiny_world):
     described_acc = sum(r.strip() == a for r, (_, a) in zip(replies[48:], qa[48:], strict=True)) / 48
     assert text_acc >= 0.6, list(zip(replies[:48], qa[:48], strict=True))
     assert described_acc >= 0.5, list(zip(replies[48:], qa[48:], strict=True))
+
+
+def test_make_shapes_cli_writes_the_same_world(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "data_scripts" / "make_shapes.py"
+    args = ["--n_pretrain", "5", "--n_instruct", "6", "--n_eval", "4", "--seed", "3"]
+    subprocess.run([sys.executable, str(script), "--output_dir", str(tmp_path / "cli"), *args], check=True)
+    write_world(tmp_path / "lib", WorldSpec(seed=3, n_pretrain=5, n_instruct=6, n_eval=4))
+    assert _digest(tmp_path / "cli") == _digest(tmp_path / "lib")
