@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint notebooks clean-outputs
+.PHONY: install run test lint bench notebooks clean-outputs
 
 # torch is installed first and pinned: on CPU machines 2.13.0 resolves to the CPU build, and nothing
 # installed after it may pull the multi-GB CUDA build. GPU users use environment.yml instead.
@@ -27,6 +27,10 @@ lint: $(STAMP)
 
 test: lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests notebooks --nbmake --nbmake-timeout=1200
+
+# Speed, padded vs packed, side by side (not part of `make test`); figures and results.json in benchmarks/out.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.packing
 
 # Strip executed outputs before committing notebooks.
 clean-outputs: $(STAMP)

@@ -1,4 +1,4 @@
-"""Batches for the Llava model: padded rows, or one packed row; and a length-grouped sampler.
+"""Batches for the Llava model: padded rows, packed rows, a left-padded baseline; a length-grouped sampler.
 
 Both collators take `LlavaDataset` items, drop the string "id" (models take tensors only; use
 `remove_unused_columns=False` with HF Trainer, which would otherwise drop our keys), and concatenate
@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from .templates import IGNORE_INDEX
@@ -56,16 +57,48 @@ class PaddedCollator:
         return batch
 
 
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bin packing: indices of `lengths` grouped into bins whose lengths sum to <= `capacity`.
+
+    First-fit decreasing: take the samples longest first and put each in the first bin with room. It
+    uses at most 11/9 of the optimal number of bins (+ 6/9), and in practice is within a bin or two.
+    Each bin keeps its samples in their original order.
+    """
+    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    if too_long:
+        raise ValueError(f"sample {too_long[0]} has {lengths[too_long[0]]} tokens > capacity {capacity}")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = next((k for k, r in enumerate(room) if r >= lengths[i]), len(bins))
+        if k == len(bins):
+            bins.append([])
+            room.append(capacity)
+        bins[k].append(i)
+        room[k] -= lengths[i]
+    return [sorted(b) for b in bins]
+
+
 class PackedCollator:
-    """All items of the batch in one row [1, T] with T <= max_tokens; no padding, no attention_mask.
+    """Samples end to end with no padding between them: one row [1, T], or rows of <= `row_tokens`.
+
+    * `row_tokens=None`: every item of the batch in one row (transformers' `DataCollatorWithFlattening`),
+      with FlashAttention's varlen kwargs `cu_seq_lens_*`: FlashAttention-2 then never computes a
+      score between two samples, so a long row costs nothing extra.
+    * `row_tokens=C`: the items are packed into rows of at most C tokens by first-fit decreasing, and
+      the rows are padded to the longest row. This is the layout for SDPA and eager attention, whose
+      block-diagonal mask is a dense [T, T] matrix: one row of the whole batch would cost T^2 attention
+      work, rows of C cost T * C. The padding tail of a row is its own pseudo-sample (positions
+      restarting at 0, labels IGNORE_INDEX), so no real token attends to it.
 
     Each sample's first label is set to IGNORE_INDEX (as `DataCollatorWithFlattening` does): the loss
     shifts labels by one, and the last token of one sample must not learn to predict the next sample.
     Padded rows never use a first label either, so packed and padded losses are the same.
+    Images follow their samples: `pixel_values` are concatenated in the packed order.
     """
 
-    def __init__(self, max_tokens: int):
-        self.max_tokens = max_tokens
+    def __init__(self, max_tokens: int, row_tokens: int | None = None, pad_token_id: int = 0):
+        self.max_tokens, self.row_tokens, self.pad_token_id = max_tokens, row_tokens, pad_token_id
 
     def __call__(self, items: Sequence[dict]) -> dict:
         if not items:
@@ -74,23 +107,54 @@ class PackedCollator:
         if sum(lengths) > self.max_tokens:
             raise ValueError(f"PackedCollator: the batch has {sum(lengths)} tokens > max_tokens={self.max_tokens}; "
                              "use max_tokens >= batch size * model_max_length, or a smaller batch")
-        labels = [it["labels"].clone() for it in items]
-        for row in labels:
-            row[0] = IGNORE_INDEX
-        cu_seq_lens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        rows = [list(range(len(items)))] if self.row_tokens is None else first_fit_decreasing(lengths, self.row_tokens)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        input_ids, labels, position_ids = [], [], []
+        for row in rows:
+            pad = width - sum(lengths[i] for i in row)
+            input_ids.append(torch.cat([items[i]["input_ids"] for i in row]
+                                       + [torch.full((pad,), self.pad_token_id, dtype=torch.long)]))
+            labels.append(torch.cat([torch.cat([torch.tensor([IGNORE_INDEX]), items[i]["labels"][1:]]) for i in row]
+                                    + [torch.full((pad,), IGNORE_INDEX, dtype=torch.long)]))
+            position_ids.append(torch.cat([torch.arange(lengths[i]) for i in row] + [torch.arange(pad)]))
         batch = {
-            "input_ids": torch.cat([it["input_ids"] for it in items])[None],
-            "labels": torch.cat(labels)[None],
-            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
-            "cu_seq_lens_q": cu_seq_lens,  # FlashAttentionKwargs, named as transformers names them
-            "cu_seq_lens_k": cu_seq_lens,
-            "max_length_q": max(lengths),
-            "max_length_k": max(lengths),
+            "input_ids": torch.stack(input_ids),
+            "labels": torch.stack(labels),
+            "position_ids": torch.stack(position_ids),
             # transformers only looks for packed samples when there is no KV cache
             # (masking_utils._preprocess_mask_arguments); with the config's use_cache=True a cache is
             # created even in training, and every sample would then attend to the ones before it.
             "use_cache": False,
         }
+        if self.row_tokens is None:
+            cu_seq_lens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+            batch.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,  # FlashAttentionKwargs
+                         max_length_q=max(lengths), max_length_k=max(lengths))
+        pixels = _pixel_values([items[i] for row in rows for i in row])
+        if pixels is not None:
+            batch["pixel_values"] = pixels
+        return batch
+
+
+class ReferenceCollator:
+    """The batching of the LLaVA-from-scratch tutorials this course is measured against: left-padded.
+
+    Every row is left-padded to the longest sample of the batch, in whatever order the sampler gives
+    (no length grouping), and the attention mask is `input_ids != pad_token_id`. That last habit
+    also masks any pad token that is real text (Qwen's pad is `<|endoftext|>`); the course's
+    `PaddedCollator` takes the mask from the lengths instead. Kept as the baseline of
+    `benchmarks/packing.py`, so speedups are against what learners would otherwise run.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(it["input_ids"]) for it in items)
+        input_ids = torch.stack([F.pad(it["input_ids"], (width - len(it["input_ids"]), 0), value=self.pad_token_id)
+                                 for it in items])
+        labels = torch.stack([F.pad(it["labels"], (width - len(it["labels"]), 0), value=IGNORE_INDEX) for it in items])
+        batch = {"input_ids": input_ids, "attention_mask": (input_ids != self.pad_token_id).long(), "labels": labels}
         pixels = _pixel_values(items)
         if pixels is not None:
             batch["pixel_values"] = pixels

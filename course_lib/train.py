@@ -50,7 +50,8 @@ class DataArguments:
     image_folder: str | None = field(default=None, metadata={"help": "default: images_dl/ next to chat.json"})
     template: str = field(default="auto", metadata={"help": "plain | chat; auto: plain for pretrain"})
     model_max_length: int = 2048
-    packing: bool = field(default=False, metadata={"help": "padding-free packed batches"})
+    packing: bool = field(default=False, metadata={"help": "pack each batch's samples into rows (no padding "
+                                                             "between samples); see benchmarks/packing.py"})
     on_bad_sample: str = field(default="skip", metadata={"help": "skip (log and count) or error"})
     pad_to_square: bool = False
 
@@ -277,8 +278,13 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     dataset = LlavaDataset(dargs.data_path, processor, image_folder=dargs.image_folder, template=template,
                            model_max_length=dargs.model_max_length, on_bad_sample=dargs.on_bad_sample,
                            pad_to_square=dargs.pad_to_square)
-    collator = (PackedCollator(max_tokens=dargs.model_max_length * targs.per_device_train_batch_size)
-                if dargs.packing else PaddedCollator(pad_token_id=processor.tokenizer.pad_token_id))
+    pad_id = processor.tokenizer.pad_token_id
+    # FlashAttention-2 takes one flat row (varlen: no work across samples); SDPA and eager get rows of
+    # model_max_length, because their block-diagonal mask is dense and one long row costs T^2.
+    flat = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+    collator = (PackedCollator(max_tokens=dargs.model_max_length * targs.per_device_train_batch_size,
+                               row_tokens=None if flat else dargs.model_max_length, pad_token_id=pad_id)
+                if dargs.packing else PaddedCollator(pad_token_id=pad_id))
     stage_name = margs.stage + ("" if margs.stage == "pretrain" else f" / {margs.train_type}")
     _log(f"{stage_name}: {len(dataset)} samples, template {template}, {dtype}, "
          f"attention {getattr(model.config, '_attn_implementation', '?')}\n" + format_table(param_table(model)))

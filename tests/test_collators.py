@@ -2,9 +2,18 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 
-from course_lib.collators import LengthGroupedSampler, PackedCollator, PaddedCollator, attention_matrix
+from course_lib.collators import (
+    LengthGroupedSampler,
+    PackedCollator,
+    PaddedCollator,
+    ReferenceCollator,
+    attention_matrix,
+    first_fit_decreasing,
+)
 from course_lib.data import LlavaDataset
 
 
@@ -65,6 +74,58 @@ def test_packed_loss_equals_padded_loss(items, empty_llava):
         padded = model(**PaddedCollator(processor.tokenizer.pad_token_id)(items)).loss
         packed = model(**PackedCollator(max_tokens=1000)(items)).loss
     assert abs(padded.item() - packed.item()) < 1e-5, (padded.item(), packed.item())
+
+
+def test_first_fit_decreasing_by_hand():
+    # Longest first: 7 opens bin A, 6 opens B, 5 opens C, 4 -> B (room 4), 3 -> A, 2 -> C; 1 -> C.
+    assert first_fit_decreasing([3, 7, 5, 6, 2, 4, 1], capacity=10) == [[0, 1], [3, 5], [2, 4, 6]]
+    assert first_fit_decreasing([10, 10], capacity=10) == [[0], [1]]
+    with pytest.raises(ValueError, match="sample 1 has 11 tokens > capacity 10"):
+        first_fit_decreasing([3, 11], capacity=10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 100), min_size=1, max_size=60), st.integers(100, 300))
+def test_first_fit_decreasing_is_a_partition_within_capacity(lengths, capacity):
+    bins = first_fit_decreasing(lengths, capacity)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
+    # Never more than one bin that is at most half full (two such bins would have been merged by first fit).
+    assert sum(2 * sum(lengths[i] for i in b) <= capacity for b in bins) <= 1
+
+
+def test_packed_rows_loss_and_layout(items, empty_llava):
+    _, model, processor = empty_llava
+    lengths = [len(it["input_ids"]) for it in items]
+    cap = max(lengths) + min(lengths)  # the longest sample cannot share a row with any but the shortest
+    batch = PackedCollator(max_tokens=1000, row_tokens=cap, pad_token_id=processor.tokenizer.pad_token_id)(items)
+    rows = first_fit_decreasing(lengths, cap)
+    assert batch["input_ids"].shape[0] == len(rows) > 1 and "cu_seq_lens_q" not in batch
+    # Images follow their samples: pixel_values in packed order.
+    order = [i for row in rows for i in row]
+    with_images = [items[i]["pixel_values"] for i in order if items[i].get("pixel_values") is not None]
+    assert torch.equal(batch["pixel_values"], torch.cat([p for p in with_images if len(p)]))
+    real = (batch["labels"] != -100).sum().item()
+    assert real == sum((it["labels"][1:] != -100).sum().item() for it in items)
+    with torch.no_grad():
+        padded = model(**PaddedCollator(processor.tokenizer.pad_token_id)(items)).loss
+        packed = model(**batch).loss
+    assert abs(padded.item() - packed.item()) < 1e-5, (padded.item(), packed.item())
+
+
+def test_reference_collator_left_pads_and_masks_by_pad_id(items, empty_llava):
+    _, model, processor = empty_llava
+    pad = processor.tokenizer.pad_token_id
+    batch = ReferenceCollator(pad)(items)
+    lengths = [len(it["input_ids"]) for it in items]
+    for row, (item, n) in enumerate(zip(items, lengths, strict=True)):
+        assert torch.equal(batch["input_ids"][row, -n:], item["input_ids"])  # left padding
+        assert batch["attention_mask"][row].sum() == n - (item["input_ids"] == pad).sum()
+    # RoPE only sees relative positions, so shifting a sample right does not change its loss.
+    with torch.no_grad():
+        padded = model(**PaddedCollator(pad)(items)).loss
+        left = model(**batch).loss
+    assert abs(padded.item() - left.item()) < 1e-4, (padded.item(), left.item())
 
 
 def _logits(model, batch):

@@ -1,0 +1,122 @@
+"""Training speed, padded vs packed, measured side by side: `python -m benchmarks.packing` (`make bench`).
+
+    python -m benchmarks.packing                      # CPU, the tiny geometry, ~3 min on 2 cores
+    python -m benchmarks.packing --quick              # ~1 min (notebook 08)
+    python -m benchmarks.packing --device cuda --geometry qwen2.5-0.5b --dtype bfloat16 \\
+        --attn flash_attention_2 --gradient_checkpointing true
+
+Three parts, each printed as a table and drawn into --out (PNG + results.json):
+1. throughput: reference (left-padded random batches) vs grouped vs packed, same model and samples,
+   alternating, --repeats rounds, medians;
+2. data pipeline (tiny world only): samples/s of LlavaDataset + collator with 0, 1, 2 workers against
+   what the training step consumes;
+3. cost growth: step time against tokens per batch and against images per sample.
+
+The last two lines are always `speedup: X.XX` (packed over reference real-token throughput, median of
+the per-round ratios) and `packed real tokens: YY%`. See course_lib/speed.py for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from course_lib import speed
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--geometry", default="tiny", choices=sorted(speed.GEOMETRIES))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--gradient_checkpointing", type=_bool, default=False)
+    parser.add_argument("--samples", type=int, default=96)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="fewer samples and rounds, no cost-growth part")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["loader", "growth"])
+    parser.add_argument("--out", default="benchmarks/out")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.quick:
+        args.samples, args.repeats = min(args.samples, 48), min(args.repeats, 3)
+    return args
+
+
+def loader_part(out: Path) -> dict:
+    """Data pipeline on the tiny world: LlavaDataset + PaddedCollator vs the tiny model's step."""
+    from course_lib.build import build_llava
+    from course_lib.collators import PaddedCollator
+    from course_lib.data import LlavaDataset
+    from course_lib.tiny_world import ensure_tiny_world
+
+    world = ensure_tiny_world()
+    model, processor = build_llava(str(world.clip), str(world.llm))
+    dataset = LlavaDataset(world.data / "instruct" / "instruct.json", processor, template="chat")
+    collator = PaddedCollator(processor.tokenizer.pad_token_id)
+    rates = speed.loader_rates(dataset, collator)
+    consumed = speed.step_rate(model, dataset, collator)
+    speed.plot_loader(rates, consumed).savefig(out / "loader.png", dpi=100)
+    print("\ndata pipeline (tiny world, batch 16): samples/s")
+    for r in rates:
+        print(f"  {r['workers']} workers: {r['samples_per_s']:8.0f}   ({r['samples_per_s'] / consumed:.1f}x the step)")
+    print(f"  training step consumes {consumed:.0f} samples/s")
+    return {"rates": rates, "step_samples_per_s": consumed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    geometry = speed.GEOMETRIES[args.geometry]
+    import transformers
+
+    env = {"date": date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+           "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
+           or platform.machine(), "command": "python -m benchmarks.packing " + " ".join(argv or sys.argv[1:])}
+    print(f"{env['command']}\n{env}")
+    result = speed.throughput(geometry, n_samples=args.samples, batch_size=args.batch_size, repeats=args.repeats,
+                              device=args.device, dtype=dtype, attn=args.attn,
+                              gradient_checkpointing=args.gradient_checkpointing, progress=print)
+    print(f"\nthroughput: {geometry.name}, {args.samples} samples (mean {result['mean_length']:.0f} tokens, "
+          f"max {result['max_length']}), batch {args.batch_size} vs {result['rows_per_step']} packed rows of "
+          f"{geometry.row_tokens}; median of {args.repeats} rounds; matmul peak {result['matmul_tflops']:.2f} TFLOP/s")
+    print(speed.format_throughput(result))
+    speed.plot_throughput(result).savefig(out / "throughput.png", dpi=100)
+    report = {"env": env, "throughput": result}
+    if "loader" not in args.skip and args.geometry == "tiny" and not args.quick:
+        report["loader"] = loader_part(out)
+    if "growth" not in args.skip and not args.quick:
+        growth = speed.cost_growth(geometry, device=args.device, dtype=dtype, attn=args.attn)
+        speed.plot_cost_growth(growth).savefig(out / "cost_growth.png", dpi=100)
+        print("\ncost growth: step seconds")
+        for r in growth["by_tokens"]:
+            print(f"  {r['tokens']:>5} tokens per batch: {r['seconds']:.3f}")
+        for r in growth["by_images"]:
+            print(f"  {r['images_per_sample']} images per sample ({r['tokens']} tokens): {r['seconds']:.3f}")
+        report["growth"] = growth
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    packed = result["modes"]["packed"]
+    print(f"\nspeedup: {result['speedup_vs_reference']['packed']:.2f}")
+    print(f"packed real tokens: {packed['real_share']:.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
