@@ -78,6 +78,43 @@ def loader_part(out: Path) -> dict:
     return {"rates": rates, "step_samples_per_s": consumed}
 
 
+def markdown(report: dict) -> str:
+    """The run as a RESULTS.md section: environment, command, and every table, from results.json."""
+    env, result = report["env"], report["throughput"]
+    lines = [f"### {env['date']}: {result['geometry']} on {result['device']} ({env['device_name']}, "
+             f"{env['threads']} threads), {result['dtype']}, {result['attn']}",
+             "", f"`{env['command']}` (python {env['python']}, torch {env['torch']}, transformers "
+             f"{env['transformers']})", "",
+             f"{result['samples']} samples, mean {result['mean_length']:.0f} tokens, max {result['max_length']}; "
+             f"batch {result['batch_size']} vs {result['rows_per_step']} packed rows of {result['row_tokens']}; "
+             f"median of {result['repeats']} alternating rounds; measured matmul rate "
+             f"{result['matmul_tflops']:.3f} TFLOP/s.", "",
+             "| mode | real tokens/s | real share | steps | vs reference | MFU |" + (
+                 " peak GiB |" if "peak_memory_gb" in result["modes"]["packed"] else ""),
+             "|---|---|---|---|---|---|" + ("---|" if "peak_memory_gb" in result["modes"]["packed"] else "")]
+    for name, m in result["modes"].items():
+        peak = f" {m['peak_memory_gb']:.1f} |" if "peak_memory_gb" in m else ""
+        lines.append(f"| {name} | {m['real_tokens_per_s']:.0f} | {m['real_share']:.1%} | {m['steps']} | "
+                     f"{result['speedup_vs_reference'][name]:.2f}x | {m['mfu']:.1%} |{peak}")
+    if "loader" in report:
+        loader = report["loader"]
+        lines += ["", "| data pipeline (tiny world, batch 16) | samples/s | vs the step |", "|---|---|---|"]
+        lines += [f"| {r['workers']} workers | {r['samples_per_s']:.0f} | "
+                  f"{r['samples_per_s'] / loader['step_samples_per_s']:.1f}x |" for r in loader["rates"]]
+        lines.append(f"| training step consumes | {loader['step_samples_per_s']:.0f} | 1.0x |")
+    if "growth" in report:
+        growth = report["growth"]
+        lines += ["", "| cost growth | tokens per batch | step seconds |", "|---|---|---|"]
+        lines += [f"| {r['tokens'] // 256} text rows of 256 | {r['tokens']} | {r['seconds']:.3f} |"
+                  for r in growth["by_tokens"]]
+        lines += [f"| 4 samples x {r['images_per_sample']} images ({growth['image_tokens']} tok each) | "
+                  f"{r['tokens']} | {r['seconds']:.3f} |" for r in growth["by_images"]]
+    packed = result["modes"]["packed"]
+    lines += ["", f"speedup: {result['speedup_vs_reference']['packed']:.2f}",
+              f"packed real tokens: {packed['real_share']:.0%}", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -112,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['images_per_sample']} images per sample ({r['tokens']} tokens): {r['seconds']:.3f}")
         report["growth"] = growth
     (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "summary.md").write_text(markdown(report))
     packed = result["modes"]["packed"]
     print(f"\nspeedup: {result['speedup_vs_reference']['packed']:.2f}")
     print(f"packed real tokens: {packed['real_share']:.0%}")

@@ -62,9 +62,10 @@ COURSE = [
      "eval, reporting, plots"),
     ("07_chat_demo", "chat with a trained LLaVA about images, in code and in a widget",
      "inference, chat, widgets"),
-    ("08_speed", "packing, attention backends, what makes training fast", "collators, train"),
-    ("09_design_patterns", "ways to join vision and language: projectors, Q-Former, pixel shuffle, tiling",
-     "projectors"),
+    ("08_speed", "padding vs packing measured, attention backends, ZeRO-2 memory, the data loader, cost growth",
+     "speed, collators"),
+    ("09_design_patterns", "ways to join vision and language: CLIP's loss, projectors, Q-Former, pixel shuffle, "
+     "tiling", "design, projectors, tiling"),
 ]
 
 

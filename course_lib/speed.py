@@ -393,3 +393,54 @@ def plot_loader(rates: list[dict], consumed: float):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def plot_layouts(items: list[dict], modes: dict[str, list[int]], collators: dict[str, object]):
+    """One step of each mode drawn as rows of tokens: a colour per sample, grey for padding."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(modes), 1, figsize=(10, 1.2 + 0.35 * sum(len(b) for b in modes.values())),
+                             squeeze=False)
+    palette = [c for k, c in enumerate(plt.get_cmap("tab20").colors) if k not in (14, 15)]  # no greys: grey is padding
+
+    def cmap(k):
+        return palette[k % len(palette)]
+
+    for ax, (name, step) in zip(axes[:, 0], modes.items(), strict=True):
+        batch = collators[name]([items[i] for i in step])
+        rows, width = batch["input_ids"].shape
+        if "attention_mask" in batch:  # padded: one sample per row, padding where the mask is 0
+            for r, i in enumerate(step):
+                real = batch["attention_mask"][r].bool()
+                start = int(real.float().argmax())  # left padding starts the sample later
+                ax.barh(r, int(real.sum()), left=start, color=cmap(i))
+        else:  # packed: the collator's own first-fit-decreasing rows, samples end to end
+            lengths = [len(items[i]["input_ids"]) for i in step]
+            cap = collators[name].row_tokens or sum(lengths)
+            for r, row in enumerate(first_fit_decreasing(lengths, cap)):
+                left = 0
+                for j in row:
+                    ax.barh(r, lengths[j], left=left, color=cmap(step[j]), edgecolor="white")
+                    left += lengths[j]
+        ax.barh(range(rows), [width] * rows, color="lightgray", zorder=0)
+        real = sum(len(items[i]["input_ids"]) for i in step)
+        ax.set_title(f"{name}: {rows} rows x {width} tokens, {real / (rows * width):.0%} real", fontsize=9)
+        ax.set_yticks([])
+        ax.set_xlim(0, max(width, 1))
+    axes[-1, 0].set_xlabel("token position")
+    fig.tight_layout()
+    return fig
+
+
+def zero_memory_gb(params: int, gpus: int, stage: int) -> float:
+    """Model-state memory per GPU for mixed-precision Adam: 2 bytes weights + 2 grads + 12 optimizer
+    (fp32 master weights, momentum, variance), partitioned over `gpus` by ZeRO stage 0-3 (Rajbhandari et
+    al. 2020, sec. 5). Activations and buffers come on top."""
+    weights, grads, optim = 2 * params, 2 * params, 12 * params
+    if stage >= 1:
+        optim /= gpus
+    if stage >= 2:
+        grads /= gpus
+    if stage >= 3:
+        weights /= gpus
+    return (weights + grads + optim) / 2 ** 30

@@ -1,0 +1,81 @@
+"""Projectors: output shapes and token counts, pixel shuffle's layout, and each one trains on the tiny world."""
+
+import json
+
+import pytest
+import torch
+
+from course_lib.projectors import PROJECTORS, make_projector, pixel_shuffle
+
+EXPECTED_TOKENS = {"linear": 16, "mlp2x_gelu": 16, "mlp_ln": 16, "pixel_shuffle": 4, "qformer": 8}
+
+
+@pytest.mark.parametrize("name", sorted(PROJECTORS))
+def test_shapes_and_token_counts(name):
+    projector = make_projector(name, vision_dim=128, text_dim=256)
+    features = torch.randn(3, 16, 128)  # 3 images, a 4x4 patch grid
+    out = projector(features)
+    assert out.shape == (3, EXPECTED_TOKENS[name], 256)
+    assert projector.tokens_out(16) == EXPECTED_TOKENS[name]
+    # CLIP-L/336 into Qwen2.5-0.5B: 576 patches of 1024 dims -> 896-dim tokens (InternVL: 576 -> 144).
+    big = make_projector(name, vision_dim=1024, text_dim=896)
+    assert big.tokens_out(576) == {"pixel_shuffle": 144, "qformer": 8}.get(name, 576)
+
+
+def test_mlp_matches_hf_llava_projector():
+    from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=128), text_config=Qwen2Config(hidden_size=256),
+                         projector_hidden_act="gelu")
+    hf = LlavaMultiModalProjector(config)
+    ours = make_projector("mlp2x_gelu", 128, 256)
+    ours.load_state_dict(hf.state_dict())  # same parameter names: linear_1, linear_2
+    x = torch.randn(2, 16, 128)
+    assert torch.allclose(ours(x), hf(x), atol=1e-6)
+
+
+def test_pixel_shuffle_stacks_each_2x2_block():
+    grid = torch.arange(16.0).reshape(1, 16, 1)  # patch k carries the value k; a 4x4 grid, row-major
+    out = pixel_shuffle(grid, 2)
+    assert out.shape == (1, 4, 4)
+    assert out[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    with pytest.raises(ValueError, match="not a square grid"):
+        pixel_shuffle(torch.zeros(1, 15, 2))
+
+
+def test_qformer_queries_read_the_image():
+    projector = make_projector("qformer", 32, 64, num_queries=4)
+    a, b = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    assert not torch.allclose(projector(a), projector(b))  # the output depends on the image...
+    assert torch.allclose(projector(torch.cat([a, b]))[1], projector(b)[0], atol=1e-5)  # ...of its own row only
+
+
+@pytest.mark.parametrize("name", sorted(PROJECTORS))
+def test_each_projector_trains_on_the_tiny_world(name, tiny_world):
+    """Stage-1 style: only the projector trains, on 16 captions; its loss must fall by a third in 25 steps."""
+    from course_lib.build import build_llava
+    from course_lib.collators import PaddedCollator
+    from course_lib.data import LlavaDataset
+    from course_lib.projectors import use_projector
+    from course_lib.train_types import prepare_model
+
+    model, processor = build_llava(str(tiny_world.clip), str(tiny_world.llm))
+    projector = use_projector(model, processor, name)
+    model = prepare_model(model, "pretrain")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"model.multi_modal_projector.{n}" for n, _ in projector.named_parameters()}
+    data = LlavaDataset(tiny_world.data / "pretrain", processor, template="plain")
+    batch = PaddedCollator(processor.tokenizer.pad_token_id)([data[i] for i in range(16)])
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (batch["input_ids"] == image_id).sum(1).tolist() == [EXPECTED_TOKENS[name]] * 16
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(25):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.67 * losses[0], json.dumps(losses)

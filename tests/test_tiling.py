@@ -1,0 +1,46 @@
+"""Dynamic tiling: grid choices against cases worked out by hand, tiles, token counts."""
+
+import pytest
+from PIL import Image
+
+from course_lib.tiling import candidate_grids, choose_grid, tile_image, tiled_token_count
+
+
+def test_candidate_grids():
+    assert candidate_grids(4) == [(1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (2, 2), (4, 1)]
+    assert len(candidate_grids(12)) == 35  # sum over n <= 12 of the divisors of n
+    with pytest.raises(ValueError, match="min_tiles <= max_tiles"):
+        candidate_grids(2, 3)
+
+
+@pytest.mark.parametrize("size, max_tiles, grid", [
+    # 800 x 1300: aspect 0.615. Grids of <= 12 tiles: 2x3 = 0.667 (off by 0.051) beats 1x2 = 0.5 (0.115)
+    # and 3x4 = 0.75 (0.135); 3x5 = 0.6 would be closer but has 15 tiles.
+    ((800, 1300), 12, (2, 3)),
+    # 1920 x 1080: aspect 1.778. 2x1 and 4x2 tie at 2.0 (0.222, better than 3x2 = 1.5); the image has
+    # 2.07 MP > half of 4x2 tiles of 448 px (0.80 MP), so the grid with more tiles wins.
+    ((1920, 1080), 12, (4, 2)),
+    # 448 x 448: 1x1 fits exactly; 2x2 ties but 0.20 MP < half of four tiles (0.40 MP): stays 1x1.
+    ((448, 448), 12, (1, 1)),
+    # 1000 x 1000: ties at 1.0 with 1x1, 2x2, 3x3; 1.0 MP > half of 9 tiles (0.90 MP): 3x3.
+    ((1000, 1000), 12, (3, 3)),
+    # A long strip 3000 x 300 (aspect 10): 10x1 matches exactly within 12 tiles; with at most 6, 6x1.
+    ((3000, 300), 12, (10, 1)),
+    ((3000, 300), 6, (6, 1)),
+])
+def test_grid_choice_by_hand(size, max_tiles, grid):
+    assert choose_grid(*size, tile_size=448, max_tiles=max_tiles) == grid
+
+
+def test_tiles_and_tokens():
+    image = Image.new("RGB", (800, 1300), (10, 20, 30))
+    image.paste((200, 0, 0), (0, 0, 400, 433))  # the top-left sixth is red
+    tiles = tile_image(image, tile_size=448, max_tiles=12)
+    assert len(tiles) == 2 * 3 + 1 and all(t.size == (448, 448) for t in tiles)
+    assert tiles[0].getpixel((10, 10)) == (200, 0, 0) and tiles[1].getpixel((400, 400)) == (10, 20, 30)
+    # InternVL 1.5: 256 tokens per 448 px tile after pixel shuffle; CLIP-L/336 tiles: 576.
+    assert tiled_token_count(800, 1300, 448, 12, tokens_per_tile=256) == 7 * 256
+    assert tiled_token_count(448, 448, 448, 12, tokens_per_tile=256) == 256  # one tile: no thumbnail
+    assert len(tile_image(image, 448, 12, thumbnail=False)) == 6
+    with pytest.raises(ValueError, match="at least 1 pixel"):
+        choose_grid(0, 10, 448, 12)
