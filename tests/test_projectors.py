@@ -26,7 +26,8 @@ def test_mlp_matches_hf_llava_projector():
     from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=128), text_config=Qwen2Config(hidden_size=256),
+    config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=128, num_attention_heads=4),
+                         text_config=Qwen2Config(hidden_size=256, num_attention_heads=4),
                          projector_hidden_act="gelu")
     hf = LlavaMultiModalProjector(config)
     ours = make_projector("mlp2x_gelu", 128, 256)
