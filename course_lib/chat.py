@@ -110,7 +110,8 @@ class Chat:
         """Yield the answer as it is generated; `settings` override GenerationSettings fields for this turn."""
         messages, all_images = self.turn(text, images)
         model, processor = self.loaded.model, self.loaded.processor
-        inputs = prepare_inputs(processor, [messages], [all_images], self.loaded.device, self.loaded.dtype)
+        inputs = prepare_inputs(processor, [messages], [all_images], self.loaded.device, self.loaded.dtype,
+                                **self.loaded.preprocessing)
         pieces = []
         for piece in stream_generate(model, processor.tokenizer, inputs, replace(self.settings, **settings),
                                      self.timeout):

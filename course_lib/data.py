@@ -25,10 +25,12 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .images import MAX_IMAGE_PIXELS, expand2square, load_image, mean_colour, resolve_image_path
 from .records import DataError, Sample, locate_data, read_records, record_id, to_sample
 from .templates import Encoded, PromptEncoder, image_size
+from .tiling import tile_count, tile_images, tiled_sample
 
 __all__ = ["DataError", "LlavaDataset", "main"]
 POLICIES = ("skip", "error")
@@ -41,7 +43,7 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_path: str | Path, processor, image_folder: str | Path | None = None,
                  template: str = "plain", model_max_length: int = 2048, on_bad_sample: str = "skip",
-                 pad_to_square: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 pad_to_square: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS, image_tiling: int = 0):
         if on_bad_sample not in POLICIES:
             raise ValueError(f"on_bad_sample={on_bad_sample!r}; expected one of {POLICIES}")
         if model_max_length < 2:
@@ -50,6 +52,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.processor, self.encoder = processor, PromptEncoder(processor, template)
         self.model_max_length, self.on_bad_sample = model_max_length, on_bad_sample
         self.pad_to_square, self.max_image_pixels = pad_to_square, max_image_pixels
+        self.image_tiling = image_tiling  # > 0: each image becomes up to this many tiles + a thumbnail
+        self.tile_counts: list[tuple[int, ...]] = []
         self.stats: Counter = Counter()
         self.samples: list[Sample] = []
         self.lengths: list[int] = []
@@ -64,8 +68,10 @@ class LlavaDataset(torch.utils.data.Dataset):
     def _add(self, record, index: int) -> None:
         try:
             sample = to_sample(record, index)
-            for relpath in sample.images:
-                resolve_image_path(self.image_folder, relpath)
+            paths = [resolve_image_path(self.image_folder, relpath) for relpath in sample.images]
+            counts = tuple(self._tile_count(path) for path in paths) if self.image_tiling else ()
+            if counts:
+                sample = tiled_sample(sample, counts)
             encoded = self.encoder.truncate(self.encoder.encode(sample), self.model_max_length)
         except DataError as err:
             self._report(err.about(record_id(record, index), self.data_file))
@@ -77,8 +83,20 @@ class LlavaDataset(torch.utils.data.Dataset):
         if encoded.truncated:
             self.stats["truncated"] += 1
         self.samples.append(sample)
+        self.tile_counts.append(counts)
         self.lengths.append(len(encoded.input_ids))
         self.image_counts.append(encoded.n_images)
+
+    def _tile_count(self, path: Path) -> int:
+        """Tiles + thumbnail this image becomes, from its header (the pixels are decoded in __getitem__)."""
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, Image.DecompressionBombError) as err:
+            raise DataError("bad_image", f"cannot read the size of image {path.name}: {err}") from None
+        if self.pad_to_square:
+            width = height = max(width, height)
+        return tile_count(width, height, image_size(self.processor)[0], self.image_tiling)
 
     def _note(self, reason: str, message: str) -> None:
         """Count; log the first few of each reason (a million-sample set must not print a million lines)."""
@@ -121,19 +139,28 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def _item(self, index: int) -> dict:
         sample, encoded = self.samples[index], self.encoded(index)
-        paths = [resolve_image_path(self.image_folder, p) for p in sample.images[:encoded.n_images]]
+        if self.tile_counts[index]:  # tiled: each image once (its first tile's path), then its tiles
+            counts = self.tile_counts[index]
+            firsts = [sample.images[sum(counts[:k])] for k in range(len(counts))]
+            pixels = self.pixel_values([resolve_image_path(self.image_folder, p) for p in firsts],
+                                       keep=encoded.n_images)
+        else:
+            pixels = self.pixel_values([resolve_image_path(self.image_folder, p)
+                                        for p in sample.images[:encoded.n_images]])
         return {
             "id": sample.id,
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
-            "pixel_values": self.pixel_values(paths),
+            "pixel_values": pixels,
         }
 
-    def pixel_values(self, paths: list[Path]) -> torch.Tensor:
-        """[n, 3, H, W] for the images at `paths`; [0, 3, H, W] for none."""
+    def pixel_values(self, paths: list[Path], keep: int | None = None) -> torch.Tensor:
+        """[n, 3, H, W] for the images at `paths` (tiled: their first `keep` tiles); [0, 3, H, W] for none."""
         images = [load_image(p, self.max_image_pixels) for p in paths]
         if self.pad_to_square:
             images = [expand2square(img, mean_colour(self.processor.image_processor)) for img in images]
+        if self.image_tiling:
+            images = tile_images(images, image_size(self.processor)[0], self.image_tiling)[0][:keep]
         height, width = image_size(self.processor)
         if not images:
             return torch.zeros(0, 3, height, width)

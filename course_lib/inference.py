@@ -20,7 +20,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from .images import MAX_IMAGE_PIXELS, to_rgb
 
 ADAPTER_CONFIG = "adapter_config.json"
+PREPROCESSING_FILE = "image_preprocessing.json"  # written by course_lib.train
 LLAVA_ARCHITECTURE = "LlavaForConditionalGeneration"
 
 Kind = Literal["full", "lora"]
@@ -50,6 +51,7 @@ class LoadedModel:
     kind: Kind
     path: Path
     base: Path | None = None  # the base folder of a LoRA adapter
+    preprocessing: dict = field(default_factory=dict)  # image_preprocessing.json: pad_to_square, image_tiling
 
     @property
     def device(self) -> torch.device:
@@ -178,7 +180,22 @@ def load_trained(
                 model = model.merge_and_unload()
         processor = AutoProcessor.from_pretrained(path if _has_processor(path) else weights)
     model.to(device).eval()
-    return LoadedModel(model=model, processor=processor, kind=kind, path=path, base=base_path)
+    return LoadedModel(model=model, processor=processor, kind=kind, path=path, base=base_path,
+                       preprocessing=read_preprocessing(path, base_path))
+
+
+def read_preprocessing(path: Path, base: Path | None = None) -> dict:
+    """How training prepared images (`image_preprocessing.json`, written by course_lib.train), so that
+    inference does the same: {"pad_to_square": bool, "image_tiling": max tiles or 0}. Missing: defaults."""
+    for folder in (path, base):
+        if folder is not None and (folder / PREPROCESSING_FILE).is_file():
+            try:
+                found = json.loads((folder / PREPROCESSING_FILE).read_text())
+            except json.JSONDecodeError as err:
+                raise LoadError(f"{folder / PREPROCESSING_FILE}: not valid JSON ({err})") from None
+            return {"pad_to_square": bool(found.get("pad_to_square", False)),
+                    "image_tiling": int(found.get("image_tiling", 0))}
+    return {"pad_to_square": False, "image_tiling": 0}
 
 
 def find_models(*roots: str | Path) -> list[Path]:
@@ -270,9 +287,24 @@ def assistant_message(text: str) -> dict:
 
 
 def prepare_inputs(processor, conversations: Sequence[list[dict]], images: Sequence[Sequence[Image.Image]],
-                   device: torch.device, dtype: torch.dtype):
-    """Token ids and pixels for a batch of conversations, left-padded so generation continues each one."""
+                   device: torch.device, dtype: torch.dtype, pad_to_square: bool = False, image_tiling: int = 0):
+    """Token ids and pixels for a batch of conversations, left-padded so generation continues each one.
+
+    `pad_to_square` and `image_tiling` must be what the model was trained with (`LoadedModel.preprocessing`):
+    tiled, each image becomes its tiles + thumbnail, and its `<image>` as many placeholders.
+    """
+    from .images import expand2square, mean_colour
+    from .templates import image_size
+    from .tiling import expand_placeholders, tile_images
+
     texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+    if pad_to_square:
+        colour = mean_colour(processor.image_processor)
+        images = [[expand2square(image, colour) for image in group] for group in images]
+    if image_tiling:
+        tiled = [tile_images(list(group), image_size(processor)[0], image_tiling) for group in images]
+        texts = [expand_placeholders(text, counts, processor.image_token) for text, (_, counts) in zip(texts, tiled)]
+        images = [tiles for tiles, _ in tiled]
     flat = [image for group in images for image in group]
     inputs = processor(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt")
     return inputs.to(device, dtype=dtype)  # casts pixel_values only; token ids stay integers
@@ -283,7 +315,8 @@ def generate_replies(loaded: LoadedModel, conversations: Sequence[list[dict]],
     """One answer per conversation, generated as one batch."""
     settings = settings or GenerationSettings()
     model, tokenizer = loaded.model, loaded.processor.tokenizer
-    inputs = prepare_inputs(loaded.processor, conversations, images, loaded.device, loaded.dtype)
+    inputs = prepare_inputs(loaded.processor, conversations, images, loaded.device, loaded.dtype,
+                            **loaded.preprocessing)
     with torch.inference_mode():
         out = model.generate(**inputs, **settings.generate_kwargs())
     return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -86,3 +86,42 @@ def plot_tiling(image: Image.Image, tile_size: int, max_tiles: int, title: str |
         sub.set_title("thumbnail" if k == cols * rows else f"tile {k}", fontsize=7)
         sub.axis("off")
     return fig
+
+
+def tile_images(images: list[Image.Image], tile_size: int, max_tiles: int) -> tuple[list[Image.Image], list[int]]:
+    """All tiles of all images in order, and how many each image became (1 when `max_tiles` is 0: off)."""
+    if max_tiles <= 0:
+        return list(images), [1] * len(images)
+    groups = [tile_image(image, tile_size, max_tiles) for image in images]
+    return [tile for group in groups for tile in group], [len(group) for group in groups]
+
+
+def tile_count(width: int, height: int, tile_size: int, max_tiles: int) -> int:
+    """How many images (tiles + thumbnail) one image becomes; 1 when tiling is off."""
+    if max_tiles <= 0:
+        return 1
+    cols, rows = choose_grid(width, height, tile_size, max_tiles)
+    return cols * rows + (1 if cols * rows > 1 else 0)
+
+
+def expand_placeholders(text: str, counts: list[int], placeholder: str = "<image>") -> str:
+    """Replace the k-th `placeholder` with counts[k] copies: each tile is an image to the model."""
+    parts = text.split(placeholder)
+    if len(parts) - 1 != len(counts):
+        raise ValueError(f"{len(parts) - 1} {placeholder} placeholders for {len(counts)} images")
+    return parts[0] + "".join(placeholder * n + rest for n, rest in zip(counts, parts[1:]))
+
+
+def tiled_sample(sample, counts: tuple[int, ...]):
+    """The sample with its k-th `<image>` repeated counts[k] times and each image path repeated alike."""
+    from dataclasses import replace
+
+    from .records import IMAGE_TOKEN
+
+    messages, k = [], 0
+    for message in sample.messages:
+        n = message["content"].count(IMAGE_TOKEN)
+        messages.append({**message, "content": expand_placeholders(message["content"], list(counts[k:k + n]))})
+        k += n
+    images = tuple(path for path, n in zip(sample.images, counts) for _ in range(n))
+    return replace(sample, messages=tuple(messages), images=images)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .inference import PREPROCESSING_FILE
 from .reporting import SUMMARY, format_summary, latest_complete_checkpoint, plot_loss_curves
 from .train_types import PROJECTOR, STAGES, TrainSetupError, normalize_train_type, optimizer_groups, prepare_model
 
@@ -54,6 +55,8 @@ class DataArguments:
                                                              "between samples); see benchmarks/packing.py"})
     on_bad_sample: str = field(default="skip", metadata={"help": "skip (log and count) or error"})
     pad_to_square: bool = False
+    image_tiling: int = field(default=0, metadata={"help": "dynamic resolution: each image becomes up to N tiles "
+                                                           "+ a thumbnail (InternVL 1.5); 0 = off"})
 
 
 # Defaults that differ from the Trainer's; any flag given on the command line wins. The learning
@@ -107,6 +110,8 @@ def parse_args(argv: list[str]):
     if not _given(argv, "include_num_input_tokens_seen"):
         targs.include_num_input_tokens_seen = "non_padding"
     margs.train_type = train_type
+    if dargs.image_tiling < 0:
+        raise TrainSetupError(f"--image_tiling {dargs.image_tiling}: expected 0 (off) or a maximum tile count")
     _check_paths(margs, dargs)
     return margs, dargs, targs
 
@@ -227,7 +232,7 @@ def _make_trainer(model, targs, dataset, collator, projector_lr, callbacks):
     return LlavaTrainer(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
 
 
-def _save_outputs(trainer, processor, margs: ModelArguments, out: Path) -> None:
+def _save_outputs(trainer, processor, margs: ModelArguments, dargs: DataArguments, out: Path) -> None:
     """Write the final model atomically per file: staged in a hidden folder, then moved in place."""
     from safetensors.torch import save_file
 
@@ -238,6 +243,9 @@ def _save_outputs(trainer, processor, margs: ModelArguments, out: Path) -> None:
     if not trainer.is_world_process_zero():
         return
     processor.save_pretrained(staging)
+    # Inference must prepare images as training did (course_lib.inference.read_preprocessing).
+    (staging / PREPROCESSING_FILE).write_text(json.dumps(
+        {"pad_to_square": dargs.pad_to_square, "image_tiling": dargs.image_tiling}, indent=1))
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the args are in training_summary.json
     state = {k: v.detach().float().cpu().contiguous()
              for k, v in base.model.multi_modal_projector.state_dict().items()}
@@ -277,7 +285,7 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     template = dargs.template if dargs.template != "auto" else ("plain" if margs.stage == "pretrain" else "chat")
     dataset = LlavaDataset(dargs.data_path, processor, image_folder=dargs.image_folder, template=template,
                            model_max_length=dargs.model_max_length, on_bad_sample=dargs.on_bad_sample,
-                           pad_to_square=dargs.pad_to_square)
+                           pad_to_square=dargs.pad_to_square, image_tiling=dargs.image_tiling)
     pad_id = processor.tokenizer.pad_token_id
     # FlashAttention-2 takes one flat row (varlen: no work across samples); SDPA and eager get rows of
     # model_max_length, because their block-diagonal mask is dense and one long row costs T^2.
@@ -297,7 +305,7 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     trainer = _make_trainer(model, targs, dataset, collator, margs.projector_lr, callbacks)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
-    _save_outputs(trainer, processor, margs, out)
+    _save_outputs(trainer, processor, margs, dargs, out)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     summary = {"stage": margs.stage, "train_type": margs.train_type if margs.stage == "finetune" else None,
                "steps": trainer.state.global_step, "epochs": trainer.state.epoch or 0.0, "samples": len(dataset),
