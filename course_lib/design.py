@@ -53,12 +53,14 @@ def answer_accuracy(model, dataset: LlavaDataset, types: dict[str, str], batch_s
     return {"accuracy": sum(every) / len(every), "by_type": by_type, "n": len(every)}
 
 
-def projector_run(world, name: str, steps: int = 150, batch_size: int = 16, lr: float = 5e-4,
-                  projector_lr: float = 1e-3, seed: int = 0, eval_limit: int | None = None, **kwargs) -> dict:
-    """Train one projector design for `steps` and score it; returns a row for the comparison table."""
+def projector_run(world, name: str = "mlp2x_gelu", steps: int = 150, batch_size: int = 16, lr: float = 5e-4,
+                  projector_lr: float = 1e-3, seed: int = 0, eval_limit: int | None = None,
+                  train_type: str = "freeze_vision", **kwargs) -> dict:
+    """Train one design (projector `name`, `train_type`) for `steps` and score it: a row for the table."""
     model, processor = build_llava(str(world.clip), str(world.llm), seed=seed)
     projector = use_projector(model, processor, name, seed=seed, **kwargs)
-    model = prepare_model(model, "finetune", "freeze_vision")
+    torch.manual_seed(seed)  # LoRA's random init
+    model = prepare_model(model, "finetune", train_type)
     model.config.text_config.use_cache = False
     train = LlavaDataset(world.data / "instruct" / "instruct.json", processor, template="chat")
     evalset = LlavaDataset(world.data / "eval" / "eval.json", processor, template="chat")
@@ -84,18 +86,20 @@ def projector_run(world, name: str, steps: int = 150, batch_size: int = 16, lr: 
         losses.append(loss.item())
     scores = answer_accuracy(model, evalset, types)
     trainable = next(row["trainable"] for row in param_table(model) if row["module"] == "total")
-    return {"projector": name, "tokens_per_image": processor.image_seq_length,
+    return {"projector": name, "train_type": train_type, "tokens_per_image": processor.image_seq_length,
             "projector_params": sum(p.numel() for p in projector.parameters()),
             "trainable_params": trainable, "step_seconds": statistics.median(seconds),
             "first_loss": statistics.mean(losses[:10]), "last_loss": statistics.mean(losses[-10:]),
             "losses": losses, **scores}
 
 
-def format_runs(runs: list[dict]) -> str:
+def format_runs(runs: list[dict], label: str = "projector") -> str:
     """A markdown table: tokens per image, parameters, step time, held-out accuracy per type."""
     types = sorted({t for r in runs for t in r["by_type"]})
-    header = ["projector", "tokens/image", "projector params", "step s", "loss first→last", "accuracy", *types]
-    rows = [[r["projector"], str(r["tokens_per_image"]), f"{r['projector_params']:,}", f"{r['step_seconds']:.3f}",
+    header = [label, "tokens/image", "projector params", "trainable params", "step s", "loss first→last", "accuracy",
+              *types]
+    rows = [[r[label], str(r["tokens_per_image"]), f"{r['projector_params']:,}", f"{r['trainable_params']:,}",
+             f"{r['step_seconds']:.3f}",
              f"{r['first_loss']:.2f}→{r['last_loss']:.2f}", f"{r['accuracy']:.1%}",
              *(f"{r['by_type'].get(t, 0):.0%}" for t in types)] for r in runs]
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

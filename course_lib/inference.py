@@ -28,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .images import MAX_IMAGE_PIXELS, to_rgb
+from .partial_lora import has_partial_lora, load_partial_lora
 
 ADAPTER_CONFIG = "adapter_config.json"
 PREPROCESSING_FILE = "image_preprocessing.json"  # written by course_lib.train
@@ -178,6 +179,10 @@ def load_trained(
             model = PeftModel.from_pretrained(model, path)
             if merge_lora:
                 model = model.merge_and_unload()
+        elif has_partial_lora(path):
+            if merge_lora:
+                raise LoadError(f"{path}: Partial LoRA acts only at image positions and cannot be merged")
+            load_partial_lora(model, path)
         processor = AutoProcessor.from_pretrained(path if _has_processor(path) else weights)
     model.to(device).eval()
     return LoadedModel(model=model, processor=processor, kind=kind, path=path, base=base_path,

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from .inference import PREPROCESSING_FILE
+from .partial_lora import ATTR as PARTIAL_LORA_ATTR
+from .partial_lora import save_partial_lora
 from .reporting import SUMMARY, format_summary, latest_complete_checkpoint, plot_loss_curves
 from .train_types import PROJECTOR, STAGES, TrainSetupError, normalize_train_type, optimizer_groups, prepare_model
 
@@ -219,7 +221,13 @@ def _make_trainer(model, targs, dataset, collator, projector_lr, callbacks):
             if hasattr(model, "peft_config") or self.is_deepspeed_enabled:
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
             loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
-            model.load_state_dict(loaded.state_dict(), strict=True)
+            state = loaded.state_dict()
+            if hasattr(model, PARTIAL_LORA_ATTR):  # the checkpoint holds the adapters under their own names
+                from safetensors.torch import load_file
+
+                for f in Path(resume_from_checkpoint).glob("*.safetensors"):
+                    state.update({k: v for k, v in load_file(f).items() if k.startswith(PARTIAL_LORA_ATTR + ".")})
+            model.load_state_dict(state, strict=True)
 
         def _get_train_sampler(self, *args, **kwargs):
             if self.args.train_sampling_strategy == "group_by_length":  # lengths known without opening images
@@ -239,7 +247,14 @@ def _save_outputs(trainer, processor, margs: ModelArguments, dargs: DataArgument
     staging = out / ".final.partial"
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     base.config.text_config.use_cache = True  # saved for inference
-    trainer.save_model(str(staging))  # all ranks: DeepSpeed may need to gather
+    adapters = base._modules.pop(PARTIAL_LORA_ATTR, None)  # kept out of the standard checkpoint
+    try:
+        trainer.save_model(str(staging))  # all ranks: DeepSpeed may need to gather
+    finally:
+        if adapters is not None:
+            base.add_module(PARTIAL_LORA_ATTR, adapters)
+    if adapters is not None and trainer.is_world_process_zero():
+        save_partial_lora(base, staging)
     if not trainer.is_world_process_zero():
         return
     processor.save_pretrained(staging)

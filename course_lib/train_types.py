@@ -8,6 +8,8 @@ with one of three train types:
   through PEFT's `modules_to_save`, so it is saved with the adapter.
 - `freeze_vision`: projector + the whole language model (and its LM head).
 - `none` (alias `full`): everything, vision tower included.
+- `partial_lora`: LoRA on the same layers that acts only at image-token positions (InternLM-XComposer2),
+  plus the projector; text tokens keep the original weights (see course_lib.partial_lora).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 STAGES = ("pretrain", "finetune")
-TRAIN_TYPES = ("use_lora", "freeze_vision", "none")
+TRAIN_TYPES = ("use_lora", "freeze_vision", "none", "partial_lora")
 TRAIN_TYPE_ALIASES = {"full": "none"}
 PROJECTOR = "multi_modal_projector"
 # Anchored on `language_model`: plain q_proj/k_proj/v_proj names also match CLIP's attention layers,
@@ -30,7 +32,8 @@ class TrainSetupError(ValueError):
 def normalize_train_type(train_type: str) -> str:
     train_type = TRAIN_TYPE_ALIASES.get(train_type, train_type)
     if train_type not in TRAIN_TYPES:
-        raise TrainSetupError(f"--train_type {train_type!r} is not one of use_lora, freeze_vision, none (or full)")
+        raise TrainSetupError(f"--train_type {train_type!r} is not one of use_lora, freeze_vision, none (or full), "
+                              "partial_lora")
     return train_type
 
 
@@ -54,6 +57,14 @@ def prepare_model(model, stage: str, train_type: str = "use_lora", lora_r: int =
         return model
     if train_type == "none":
         _set_trainable(model, ("",))
+        return model
+    if train_type == "partial_lora":
+        from .partial_lora import apply_partial_lora
+
+        _set_trainable(model, (PROJECTOR,))
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+        apply_partial_lora(model, lora_r, lora_alpha, lora_dropout)
         return model
     from peft import LoraConfig, get_peft_model
 

@@ -137,6 +137,41 @@ def test_packing_and_gradient_checkpointing_train_lora(stage1, small_data, tmp_p
     assert any(v.abs().max() > 0 for v in lora_b)  # LoRA B starts at zero: it moved, so gradients flowed
 
 
+def test_partial_lora_changes_only_image_positions_and_reloads(stage1, small_data, tmp_path):
+    """Partial LoRA: text-only logits stay the stage-1 model's; image prompts change; the output reloads."""
+    from course_lib.inference import LoadError, load_trained
+    from course_lib.partial_lora import ATTR
+
+    base, _ = stage1
+    out = tmp_path / "partial"
+    train.run(["--stage", "finetune", "--train_type", "partial_lora", "--model_name_or_path", str(base),
+               "--output_dir", str(out), *small_data["instruct"], *FAST])
+    # A standard Llava checkpoint (no adapter keys) + the adapters beside it; the weights are stage 1's.
+    before = LlavaForConditionalGeneration.from_pretrained(base).eval()
+    plain = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    after = plain.state_dict()
+    for k, v in before.state_dict().items():
+        if "multi_modal_projector" not in k:
+            assert torch.equal(v, after[k]), k
+    assert (out / "partial_lora.safetensors").is_file()
+    loaded = load_trained(out, device="cpu", dtype=torch.float32)
+    adapters = getattr(loaded.model, ATTR)
+    assert adapters and all("language_model" in k for k in adapters.keys())
+    assert any(v.abs().max() > 0 for k, v in adapters.state_dict().items() if "lora_B" in k)  # B moved from 0
+    image_id = loaded.model.config.image_token_id
+    text = torch.tensor([[5, 17, 42, 99, 3]])
+    with_image = torch.tensor([[5] + [image_id] * 16 + [17, 42]])
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=text).logits, plain(input_ids=text).logits)
+        a = loaded.model(input_ids=with_image, pixel_values=pixels).logits
+        b = plain(input_ids=with_image, pixel_values=pixels).logits
+    assert torch.equal(a[:, :1], b[:, :1])  # before the image: untouched
+    assert (a[:, 1:] - b[:, 1:]).abs().max() > 1e-4  # image tokens (and what attends to them) changed
+    with pytest.raises(LoadError, match="cannot be merged"):
+        load_trained(out, merge_lora=True)
+
+
 class _Kill(TrainerCallback):
     """Simulates a run killed at the start of step `at` (after checkpoint at-1 was written)."""
 
@@ -148,7 +183,7 @@ class _Kill(TrainerCallback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("train_type", ["freeze_vision", "use_lora"])
+@pytest.mark.parametrize("train_type", ["freeze_vision", "use_lora", "partial_lora"])
 def test_kill_and_resume_matches_an_uninterrupted_run(stage1, small_data, tmp_path, train_type):
     base, _ = stage1
     common = ["--stage", "finetune", "--train_type", train_type, "--model_name_or_path", str(base),
@@ -163,7 +198,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(stage1, small_data, tmp_pa
     assert summary["steps"] == 6
     from safetensors.torch import load_file
 
-    name = "adapter_model.safetensors" if train_type == "use_lora" else "model.safetensors"
+    name = {"use_lora": "adapter_model.safetensors", "partial_lora": "partial_lora.safetensors"}.get(
+        train_type, "model.safetensors")
     a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "killed" / name)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
