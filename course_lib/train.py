@@ -36,7 +36,8 @@ PROJECTOR_FILE = "projector.safetensors"
 class ModelArguments:
     model_name_or_path: str = field(default="tiny", metadata={"help": "an (empty) LLaVA folder, or 'tiny'"})
     stage: str = field(default="pretrain", metadata={"help": "pretrain (projector only) or finetune"})
-    train_type: str = field(default="use_lora", metadata={"help": "use_lora, freeze_vision or none (full)"})
+    train_type: str = field(default="use_lora",
+                            metadata={"help": "use_lora, freeze_vision, none (full) or partial_lora"})
     pretrain_projector: str | None = field(default=None, metadata={"help": "a stage-1 projector.safetensors"})
     projector_lr: float | None = field(default=None, metadata={"help": "projector LR in stage 2 (LLaVA's "
                                                                           "mm_projector_lr); default: --learning_rate"})
@@ -64,7 +65,7 @@ class DataArguments:
 # Defaults that differ from the Trainer's; any flag given on the command line wins. The learning
 # rates follow LLaVA-1.5 (pretrain 1e-3; finetune 2e-5, LoRA 2e-4), the batch is per device.
 def _defaults(stage: str, train_type: str) -> dict[str, str]:
-    lr = "1e-3" if stage == "pretrain" else ("2e-4" if train_type == "use_lora" else "2e-5")
+    lr = "1e-3" if stage == "pretrain" else ("2e-4" if "lora" in train_type else "2e-5")
     return {"learning_rate": lr, "per_device_train_batch_size": "16", "num_train_epochs": "1",
             "warmup_steps": "0.03", "lr_scheduler_type": "cosine", "weight_decay": "0.0", "logging_steps": "5",
             "save_strategy": "no", "report_to": "tensorboard", "remove_unused_columns": "false",

@@ -255,4 +255,4 @@ def test_run_zero2_bad_flag_is_one_line(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --train_type 'nope' is not one of use_lora, freeze_vision, "
-                                                "none (or full)"]
+                                                "none (or full), partial_lora"]
