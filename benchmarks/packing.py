@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from course_lib import speed
+from course_lib import plots, speed
 
 
 def _bool(text: str) -> bool:
@@ -70,7 +70,7 @@ def loader_part(out: Path) -> dict:
     collator = PaddedCollator(processor.tokenizer.pad_token_id)
     rates = speed.loader_rates(dataset, collator)
     consumed = speed.step_rate(model, dataset, collator)
-    speed.plot_loader(rates, consumed).savefig(out / "loader.png", dpi=100)
+    plots.plot_loader(rates, consumed).savefig(out / "loader.png", dpi=100)
     print("\ndata pipeline (tiny world, batch 16): samples/s")
     for r in rates:
         print(f"  {r['workers']} workers: {r['samples_per_s']:8.0f}   ({r['samples_per_s'] / consumed:.1f}x the step)")
@@ -135,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
           f"max {result['max_length']}), batch {args.batch_size} vs {result['rows_per_step']} packed rows of "
           f"{geometry.row_tokens}; median of {args.repeats} rounds; matmul peak {result['matmul_tflops']:.2f} TFLOP/s")
     print(speed.format_throughput(result))
-    speed.plot_throughput(result).savefig(out / "throughput.png", dpi=100)
+    plots.plot_throughput(result).savefig(out / "throughput.png", dpi=100)
     report = {"env": env, "throughput": result}
     if "loader" not in args.skip and args.geometry == "tiny" and not args.quick:
         report["loader"] = loader_part(out)
     if "growth" not in args.skip and not args.quick:
         growth = speed.cost_growth(geometry, device=args.device, dtype=dtype, attn=args.attn)
-        speed.plot_cost_growth(growth).savefig(out / "cost_growth.png", dpi=100)
+        plots.plot_cost_growth(growth).savefig(out / "cost_growth.png", dpi=100)
         print("\ncost growth: step seconds")
         for r in growth["by_tokens"]:
             print(f"  {r['tokens']:>5} tokens per batch: {r['seconds']:.3f}")

@@ -170,3 +170,22 @@ def plot_runs(runs: list[dict]):
     axes[1].tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     return fig
+
+
+def demo_photo(width: int = 800, height: int = 1300, seed: int = 3):
+    """A large "photo" for the tiling pictures: a sky gradient with tiny-world scenes pasted at several scales."""
+    import random
+
+    from PIL import Image, ImageFilter
+
+    from .shapes import random_scene, render
+
+    ramp = Image.linear_gradient("L").resize((width, height))
+    photo = Image.merge("RGB", [ramp.point(lambda v: 120 + v // 3), ramp.point(lambda v: 160 + v // 4),
+                                Image.new("L", (width, height), 230)])
+    rng = random.Random(seed)
+    for fx, fy, fs in [(0.05, 0.05, 0.37), (0.52, 0.15, 0.42), (0.1, 0.4, 0.52), (0.38, 0.75, 0.32)]:
+        side = int(fs * width)
+        scene = render(random_scene(rng), 64, rng).resize((side, side), Image.Resampling.NEAREST)
+        photo.paste(scene, (int(fx * width), int(fy * height)))
+    return photo.filter(ImageFilter.GaussianBlur(1))

@@ -199,3 +199,85 @@ def plot_masked_scatter(model, input_ids, pixel_values, dims: int = 48):
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
+
+
+# Speed (course_lib.speed, notebook 08, benchmarks/packing.py)
+
+
+def plot_throughput(result: dict):
+    """Real tokens/s per mode, and the share of computed tokens that are real."""
+    names = list(result["modes"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    axes[0].bar(names, [result["modes"][n]["real_tokens_per_s"] for n in names], color="tab:blue")
+    axes[0].set_title("real (non-pad) tokens per second")
+    for k, n in enumerate(names):
+        axes[0].text(k, result["modes"][n]["real_tokens_per_s"], f"{result['speedup_vs_reference'][n]:.2f}x",
+                     ha="center", va="bottom")
+    share = [result["modes"][n]["real_share"] for n in names]
+    axes[1].bar(names, share, color="tab:green", label="real")
+    axes[1].bar(names, [1 - s for s in share], bottom=share, color="lightgray", label="padding")
+    axes[1].set_title("computed tokens")
+    axes[1].legend(loc="lower right")
+    fig.suptitle(f"{result['geometry']} on {result['device']} ({result['dtype']}, {result['attn']})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_cost_growth(result: dict):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    t = result["by_tokens"]
+    axes[0].plot([r["tokens"] for r in t], [r["seconds"] for r in t], "o-")
+    axes[0].set(xlabel="tokens per batch (rows of 256)", ylabel="step seconds", title="cost vs tokens")
+    i = result["by_images"]
+    axes[1].plot([r["images_per_sample"] for r in i], [r["seconds"] for r in i], "o-", color="tab:orange")
+    axes[1].set(xlabel=f"images per sample ({result['image_tokens']} tokens each), 4 samples", ylabel="step seconds",
+                title="cost vs images", xticks=[r["images_per_sample"] for r in i])
+    fig.tight_layout()
+    return fig
+
+
+def plot_loader(rates: list[dict], consumed: float):
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar([f"{r['workers']} workers" for r in rates], [r["samples_per_s"] for r in rates], color="tab:purple")
+    ax.axhline(consumed, color="black", linestyle="--", label=f"training step uses {consumed:.0f}/s")
+    ax.set(ylabel="samples per second", title="data pipeline vs the step")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_layouts(items: list[dict], modes: dict[str, list[int]], collators: dict[str, object]):
+    """One step of each mode drawn as rows of tokens: a colour per sample, grey for padding."""
+    from .collators import first_fit_decreasing
+
+    fig, axes = plt.subplots(len(modes), 1, figsize=(10, 1.2 + 0.35 * sum(len(b) for b in modes.values())),
+                             squeeze=False)
+    palette = [c for k, c in enumerate(plt.get_cmap("tab20").colors) if k not in (14, 15)]  # no greys: grey is padding
+
+    def cmap(k):
+        return palette[k % len(palette)]
+
+    for ax, (name, step) in zip(axes[:, 0], modes.items(), strict=True):
+        batch = collators[name]([items[i] for i in step])
+        rows, width = batch["input_ids"].shape
+        if "attention_mask" in batch:  # padded: one sample per row, padding where the mask is 0
+            for r, i in enumerate(step):
+                real = batch["attention_mask"][r].bool()
+                start = int(real.float().argmax())  # left padding starts the sample later
+                ax.barh(r, int(real.sum()), left=start, color=cmap(i))
+        else:  # packed: the collator's own first-fit-decreasing rows, samples end to end
+            lengths = [len(items[i]["input_ids"]) for i in step]
+            cap = collators[name].row_tokens or sum(lengths)
+            for r, row in enumerate(first_fit_decreasing(lengths, cap)):
+                left = 0
+                for j in row:
+                    ax.barh(r, lengths[j], left=left, color=cmap(step[j]), edgecolor="white")
+                    left += lengths[j]
+        ax.barh(range(rows), [width] * rows, color="lightgray", zorder=0)
+        real = sum(len(items[i]["input_ids"]) for i in step)
+        ax.set_title(f"{name}: {rows} rows x {width} tokens, {real / (rows * width):.0%} real", fontsize=9)
+        ax.set_yticks([])
+        ax.set_xlim(0, max(width, 1))
+    axes[-1, 0].set_xlabel("token position")
+    fig.tight_layout()
+    return fig

@@ -60,6 +60,8 @@ def pixel_shuffle(features: torch.Tensor, scale: int = 2) -> torch.Tensor:
 
     Token k of the output holds the patches of block k in row-major order, so the spatial layout is kept
     (InternVL's `pixel_shuffle` with downsample ratio 1/s; 1024 -> 256 tokens for a 448 px tile).
+    Reference: https://github.com/OpenGVLab/InternVL, internvl_chat/internvl/model/internvl_chat/
+    modeling_internvl_chat.py (`pixel_shuffle`, `mlp1`); nanoVLM's models/modality_projector.py does the same.
     """
     b, n, c = features.shape
     side = math.isqrt(n)

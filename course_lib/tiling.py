@@ -10,8 +10,9 @@ long image to that square loses detail; tiling keeps it:
 3. add a thumbnail (the whole image at one tile's size) when there is more than one tile, for the global view;
 4. the image then costs (tiles + thumbnail) x tokens per tile: each tile is one "image" to the model.
 
-InternVL 1.5 uses 448 px tiles, up to 12 of them, and pixel shuffle (`projectors.pixel_shuffle`) to bring
-each tile from 1024 patches to 256 tokens.
+Reference: InternVL's `dynamic_preprocess` / `find_closest_aspect_ratio` (https://github.com/OpenGVLab/InternVL,
+internvl_chat/internvl/train/dataset.py). InternVL 1.5 uses 448 px tiles, up to 12 of them, and pixel
+shuffle (`projectors.pixel_shuffle`) to bring each tile from 1024 patches to 256 tokens.
 """
 
 from __future__ import annotations
