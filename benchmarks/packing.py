@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from course_lib import plots, speed
+from course_lib.params import render_table
 
 
 def _bool(text: str) -> bool:
@@ -89,26 +90,20 @@ def markdown(report: dict) -> str:
              f"batch {result['batch_size']} vs {result['rows_per_step']} packed rows of {result['row_tokens']}; "
              f"median of {result['repeats']} alternating rounds; measured matmul rate "
              f"{result['matmul_tflops']:.3f} TFLOP/s.", "",
-             "| mode | real tokens/s | real share | steps | vs reference | MFU |" + (
-                 " peak GiB |" if "peak_memory_gb" in result["modes"]["packed"] else ""),
-             "|---|---|---|---|---|---|" + ("---|" if "peak_memory_gb" in result["modes"]["packed"] else "")]
-    for name, m in result["modes"].items():
-        peak = f" {m['peak_memory_gb']:.1f} |" if "peak_memory_gb" in m else ""
-        lines.append(f"| {name} | {m['real_tokens_per_s']:.0f} | {m['real_share']:.1%} | {m['steps']} | "
-                     f"{result['speedup_vs_reference'][name]:.2f}x | {m['mfu']:.1%} |{peak}")
+             speed.format_throughput(result, markdown=True)]
     if "loader" in report:
         loader = report["loader"]
-        lines += ["", "| data pipeline (tiny world, batch 16) | samples/s | vs the step |", "|---|---|---|"]
-        lines += [f"| {r['workers']} workers | {r['samples_per_s']:.0f} | "
-                  f"{r['samples_per_s'] / loader['step_samples_per_s']:.1f}x |" for r in loader["rates"]]
-        lines.append(f"| training step consumes | {loader['step_samples_per_s']:.0f} | 1.0x |")
+        body = [[f"{r['workers']} workers", f"{r['samples_per_s']:.0f}",
+                 f"{r['samples_per_s'] / loader['step_samples_per_s']:.1f}x"] for r in loader["rates"]]
+        body.append(["training step consumes", f"{loader['step_samples_per_s']:.0f}", "1.0x"])
+        lines += ["", render_table(["data pipeline (tiny world, batch 16)", "samples/s", "vs the step"], body, True)]
     if "growth" in report:
         growth = report["growth"]
-        lines += ["", "| cost growth | tokens per batch | step seconds |", "|---|---|---|"]
-        lines += [f"| {r['tokens'] // 256} text rows of 256 | {r['tokens']} | {r['seconds']:.3f} |"
-                  for r in growth["by_tokens"]]
-        lines += [f"| 4 samples x {r['images_per_sample']} images ({growth['image_tokens']} tok each) | "
-                  f"{r['tokens']} | {r['seconds']:.3f} |" for r in growth["by_images"]]
+        body = [[f"{r['tokens'] // 256} text rows of 256", str(r["tokens"]), f"{r['seconds']:.3f}"]
+                for r in growth["by_tokens"]]
+        body += [[f"4 samples x {r['images_per_sample']} images ({growth['image_tokens']} tok each)", str(r["tokens"]),
+                  f"{r['seconds']:.3f}"] for r in growth["by_images"]]
+        lines += ["", render_table(["cost growth", "tokens per batch", "step seconds"], body, True)]
     packed = result["modes"]["packed"]
     lines += ["", f"speedup: {result['speedup_vs_reference']['packed']:.2f}",
               f"packed real tokens: {packed['real_share']:.0%}", ""]

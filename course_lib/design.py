@@ -21,7 +21,7 @@ import torch
 from .build import build_llava
 from .collators import PaddedCollator
 from .data import LlavaDataset
-from .params import param_table
+from .params import param_table, render_table
 from .projectors import use_projector
 from .templates import IGNORE_INDEX
 from .train_types import optimizer_groups, prepare_model
@@ -98,12 +98,10 @@ def format_runs(runs: list[dict], label: str = "projector") -> str:
     types = sorted({t for r in runs for t in r["by_type"]})
     header = [label, "tokens/image", "projector params", "trainable params", "step s", "loss first→last", "accuracy",
               *types]
-    rows = [[r[label], str(r["tokens_per_image"]), f"{r['projector_params']:,}", f"{r['trainable_params']:,}",
-             f"{r['step_seconds']:.3f}",
-             f"{r['first_loss']:.2f}→{r['last_loss']:.2f}", f"{r['accuracy']:.1%}",
+    body = [[r[label], str(r["tokens_per_image"]), f"{r['projector_params']:,}", f"{r['trainable_params']:,}",
+             f"{r['step_seconds']:.3f}", f"{r['first_loss']:.2f}→{r['last_loss']:.2f}", f"{r['accuracy']:.1%}",
              *(f"{r['by_type'].get(t, 0):.0%}" for t in types)] for r in runs]
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(row) + " |" for row in rows])
+    return render_table(header, body, markdown=True)
 
 
 def clip_similarity(world, n: int = 12) -> dict:

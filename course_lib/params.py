@@ -42,18 +42,23 @@ def _fmt(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
 
 
+def render_table(header: list[str], body: list[list[str]], markdown: bool = False) -> str:
+    """Rows of strings as aligned text columns, or as a Markdown table for notebooks and RESULTS.md."""
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+    widths = [max(len(c), *(len(row[i]) for row in body)) for i, c in enumerate(header)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=False)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip() for row in body]
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """Render `param_table` rows as aligned text, or as a Markdown table for notebooks."""
     cols = ["module", "total", "trainable", "frozen", "% trainable"]
     body = [[r["module"], _fmt(r["total"]), _fmt(r["trainable"]), _fmt(r["frozen"]),
              f"{100 * r['trainable'] / r['total']:.1f}%"] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
-    widths = [max(len(c), *(len(row[i]) for row in body)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=False))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) for row in body]
-    return "\n".join(lines)
+    return render_table(cols, body, markdown)
 
 
 def changed_parts(before: dict, after: dict) -> list[dict]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .collators import PackedCollator, PaddedCollator, ReferenceCollator, first_fit_decreasing
+from .params import render_table
 from .templates import IGNORE_INDEX
 
 # Text lengths (tokens) of the three kinds of sample, and their shares of the mix.
@@ -322,29 +323,26 @@ def loader_rates(dataset, collator, batch_size: int = 16, workers: tuple[int, ..
 
 
 def step_rate(model, dataset, collator, batch_size: int = 16, steps: int = 5) -> float:
-    """Samples per second the training step consumes (batches prepared beforehand)."""
-    model.train()
+    """Samples per second the training step consumes (batches collated beforehand, one warm-up step)."""
+    param = next(model.parameters())
+    items = [dataset[i % len(dataset)] for i in range((steps + 1) * batch_size)]
+    batches = [list(range(s * batch_size, (s + 1) * batch_size)) for s in range(steps + 1)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    batches = [collator([dataset[(s * batch_size + i) % len(dataset)] for i in range(batch_size)])
-               for s in range(steps + 1)]
-    seconds = []
-    for k, batch in enumerate(batches):
-        start = time.perf_counter()
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if k:  # the first step warms up
-            seconds.append(time.perf_counter() - start)
+    model.train()
+    train_pass(model, optimizer, items, Mode("warm-up", collator, batches[:1]), str(param.device), param.dtype)
+    result = train_pass(model, optimizer, items, Mode("step", collator, batches[1:]), str(param.device), param.dtype)
     model.eval()
-    return batch_size / statistics.median(seconds)
+    return steps * batch_size / result["seconds"]
 
 
-def format_throughput(result: dict) -> str:
-    rows = [f"{'mode':<12} {'real tok/s':>11} {'real share':>11} {'steps':>6} {'vs reference':>13} {'MFU':>7}"]
-    for name, m in result["modes"].items():
-        rows.append(f"{name:<12} {m['real_tokens_per_s']:>11.0f} {m['real_share']:>10.1%} {m['steps']:>6} "
-                    f"{result['speedup_vs_reference'][name]:>12.2f}x {m['mfu']:>6.1%}")
-    return "\n".join(rows)
+def format_throughput(result: dict, markdown: bool = False) -> str:
+    """The modes side by side: real tokens/s, real share, steps, ratio to the reference, MFU (+ peak memory)."""
+    peak = "peak_memory_gb" in result["modes"]["packed"]
+    header = ["mode", "real tokens/s", "real share", "steps", "vs reference", "MFU"] + (["peak GiB"] if peak else [])
+    body = [[name, f"{m['real_tokens_per_s']:.0f}", f"{m['real_share']:.1%}", str(m["steps"]),
+             f"{result['speedup_vs_reference'][name]:.2f}x", f"{m['mfu']:.1%}"]
+            + ([f"{m['peak_memory_gb']:.1f}"] if peak else []) for name, m in result["modes"].items()]
+    return render_table(header, body, markdown)
 
 
 def zero_memory_gb(params: int, gpus: int, stage: int) -> float:
