@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .images import MAX_IMAGE_PIXELS, expand2square, load_image, mean_colour, resolve_image_path
+from .images import MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .records import DataError, Sample, locate_data, read_records, record_id, to_sample
 from .templates import Encoded, PromptEncoder, image_size
-from .tiling import tile_count, tile_images, tiled_sample
+from .tiling import prepare_images, tile_count, tiled_sample
 
 __all__ = ["DataError", "LlavaDataset", "main"]
 POLICIES = ("skip", "error")
@@ -156,11 +156,8 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def pixel_values(self, paths: list[Path], keep: int | None = None) -> torch.Tensor:
         """[n, 3, H, W] for the images at `paths` (tiled: their first `keep` tiles); [0, 3, H, W] for none."""
-        images = [load_image(p, self.max_image_pixels) for p in paths]
-        if self.pad_to_square:
-            images = [expand2square(img, mean_colour(self.processor.image_processor)) for img in images]
-        if self.image_tiling:
-            images = tile_images(images, image_size(self.processor)[0], self.image_tiling)[0][:keep]
+        images = prepare_images([load_image(p, self.max_image_pixels) for p in paths], self.processor,
+                                self.pad_to_square, self.image_tiling)[0][:keep]
         height, width = image_size(self.processor)
         if not images:
             return torch.zeros(0, 3, height, width)

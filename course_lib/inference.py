@@ -298,18 +298,13 @@ def prepare_inputs(processor, conversations: Sequence[list[dict]], images: Seque
     `pad_to_square` and `image_tiling` must be what the model was trained with (`LoadedModel.preprocessing`):
     tiled, each image becomes its tiles + thumbnail, and its `<image>` as many placeholders.
     """
-    from .images import expand2square, mean_colour
-    from .templates import image_size
-    from .tiling import expand_placeholders, tile_images
+    from .tiling import expand_placeholders, prepare_images
 
     texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-    if pad_to_square:
-        colour = mean_colour(processor.image_processor)
-        images = [[expand2square(image, colour) for image in group] for group in images]
+    prepared = [prepare_images(list(group), processor, pad_to_square, image_tiling) for group in images]
     if image_tiling:
-        tiled = [tile_images(list(group), image_size(processor)[0], image_tiling) for group in images]
-        texts = [expand_placeholders(text, counts, processor.image_token) for text, (_, counts) in zip(texts, tiled)]
-        images = [tiles for tiles, _ in tiled]
+        texts = [expand_placeholders(text, counts, processor.image_token) for text, (_, counts) in zip(texts, prepared)]
+    images = [group for group, _ in prepared]
     flat = [image for group in images for image in group]
     inputs = processor(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt")
     return inputs.to(device, dtype=dtype)  # casts pixel_values only; token ids stay integers

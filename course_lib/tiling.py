@@ -97,6 +97,19 @@ def tile_images(images: list[Image.Image], tile_size: int, max_tiles: int) -> tu
     return [tile for group in groups for tile in group], [len(group) for group in groups]
 
 
+def prepare_images(images: list[Image.Image], processor, pad_to_square: bool = False,
+                   image_tiling: int = 0) -> tuple[list[Image.Image], list[int]]:
+    """What the vision tower sees, in training (LlavaDataset) and in chat alike: each image padded to a
+    square if asked (LLaVA-1.5's `pad`), then tiled; returns the images and how many each became."""
+    from .images import expand2square, mean_colour
+    from .templates import image_size
+
+    if pad_to_square:
+        colour = mean_colour(processor.image_processor)
+        images = [expand2square(image, colour) for image in images]
+    return tile_images(list(images), image_size(processor)[0], image_tiling)
+
+
 def tile_count(width: int, height: int, tile_size: int, max_tiles: int) -> int:
     """How many images (tiles + thumbnail) one image becomes; 1 when tiling is off."""
     if max_tiles <= 0:
