@@ -65,7 +65,7 @@ def projector_run(world, name: str = "mlp2x_gelu", steps: int = 150, batch_size:
     train = LlavaDataset(world.data / "instruct" / "instruct.json", processor, template="chat")
     evalset = LlavaDataset(world.data / "eval" / "eval.json", processor, template="chat")
     if eval_limit:
-        for attr in ("samples", "lengths", "image_counts"):
+        for attr in ("samples", "lengths", "image_counts", "tile_counts"):
             setattr(evalset, attr, getattr(evalset, attr)[:eval_limit])
     types = {r["id"]: r["type"] for r in json.loads((world.data / "eval" / "eval.json").read_text())}
     collator = PaddedCollator(processor.tokenizer.pad_token_id)

@@ -67,8 +67,9 @@ def apply_partial_lora(model, r: int = 16, alpha: float = 32, dropout: float = 0
 
         def add_update(mod, inputs, output, pair=pair):
             m = mask.value
-            if m is None or m.shape != output.shape[:-1] or not bool(m.any()):
-                return output  # no image token in this pass (text, or a generated token)
+            if m is None or m.shape != output.shape[:-1]:
+                return output  # no input_ids seen for this pass
+            # Multiplied, not skipped when the mask is all zero: `m.any()` would sync the GPU in every layer.
             return output + pair(inputs[0]) * m.unsqueeze(-1).to(output.dtype)
 
         module.register_forward_hook(add_update)
