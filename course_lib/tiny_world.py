@@ -32,7 +32,7 @@ from .chat_template import QWEN2_5_TEMPLATE
 from .shapes import WorldSpec, caption, described_chat, random_scene, text_only_qa, world_texts, write_world
 
 # Bump when the building code changes in a way that changes the artefacts.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
@@ -57,7 +57,7 @@ class TinyWorldConfig:
     lm_n_heads: int = 4
     lm_n_kv_heads: int = 2
     lm_inter_dim: int = 704
-    lm_steps: int = 600
+    lm_steps: int = 800
     lm_batch_size: int = 32
     lm_corpus_size: int = 10000
     lm_lr: float = 2e-3
@@ -241,8 +241,9 @@ def _lm_corpus(cfg: TinyWorldConfig, tok) -> list[str]:
     rng = random.Random(cfg.seed + 2)
     n = cfg.lm_corpus_size
     texts = [caption(random_scene(rng, cfg.world.max_objects)) + "<|endoftext|>" for _ in range(n // 5)]
-    chats = [described_chat(rng, cfg.world.max_objects) for _ in range(n // 2)]
-    chats += [[text_only_qa(rng)[1:] for _ in range(rng.randint(1, 2))] for _ in range(n - n // 5 - n // 2)]
+    turns = cfg.world.max_turns
+    chats = [described_chat(rng, cfg.world.max_objects, max_turns=turns) for _ in range(n // 2)]
+    chats += [[text_only_qa(rng)[1:] for _ in range(rng.randint(1, turns))] for _ in range(n - n // 5 - n // 2)]
     for turns in chats:
         msgs = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
         texts.append(tok.apply_chat_template(msgs, tokenize=False))

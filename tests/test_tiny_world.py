@@ -49,6 +49,21 @@ def test_tokenizer_carries_qwen_special_tokens_and_template(tiny_world):
     assert tok.decode(tok(text)["input_ids"]) == text
 
 
+def test_tokenizer_keeps_every_answer_word_whole(tiny_world):
+    """A one-word answer starts the assistant turn (after a newline, no space): each must be one token
+    there, as in Qwen's vocabulary, not rare pieces like c|ir|cle. The compare verdict ends its answer
+    ("2 vs 1, so second"), after a space."""
+    from course_lib.shapes import COLORS, SHAPES, SIDES
+
+    tok = AutoTokenizer.from_pretrained(tiny_world.llm)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False, add_generation_prompt=True)
+    start = len(tok(prompt)["input_ids"])
+    pieces = {w: tok.convert_ids_to_tokens(tok(prompt + w + "<|im_end|>")["input_ids"][start:-1])
+              for w in [*SHAPES, *COLORS, *SIDES, "orange", "purple"]}
+    pieces |= {w: tok.tokenize(w) for w in (" first", " second", " same")}
+    assert all(len(p) == 1 for p in pieces.values()), pieces
+
+
 def test_tiny_clip_matches_images_to_their_captions(tiny_world):
     """Image-to-caption retrieval among 64 pairs: far above chance, so the contrastive stage worked."""
     pre = json.loads((tiny_world.data / "pretrain" / "chat.json").read_text())[-64:]
@@ -75,7 +90,13 @@ def test_described_chat_answers_from_the_description():
     rng = random.Random(0)
     chats = [described_chat(rng) for _ in range(200)]
     compare = [c for c in chats if c[0][0].startswith("first: ")]
-    assert compare and all(c[0][1] in ("first", "second", "same") and len(c) == 1 for c in compare)
+    assert compare and all(len(c) == 1 for c in compare)
+    for (user, answer), in compare:  # "2 vs 1, so first": both counts read off the two captions
+        first, second, question = user.split("\n")
+        shape = question.split(" more ")[1].split("s:")[0]
+        n1, n2 = (sum(w == shape for w in caption.split()) for caption in (first, second))
+        verdict = "same" if n1 == n2 else ("first" if n1 > n2 else "second")
+        assert answer == f"{n1} vs {n2}, so {verdict}", (user, answer)
     single = [c for c in chats if not c[0][0].startswith("first: ")]
     assert all(c[0][0].split("\n")[0].endswith(" .") and c[0][0].count("\n") == 1 for c in single)
     red_circles = [c for c in single if "What color is the circle?" in c[0][0]]
