@@ -76,7 +76,7 @@ train --stage pretrain --model_name_or_path "$OUT/empty_llava" --data_path "$TIN
 train --stage finetune --train_type use_lora --model_name_or_path "$OUT/pretrain" \
   --data_path "$TINY_DATA/instruct/instruct.json" --image_folder "$TINY_DATA/instruct/images" \
   --output_dir "$OUT/finetune_use_lora" --per_device_train_batch_size 16 --learning_rate 1e-3 \
-  --projector_lr 1e-3 --num_train_epochs 2 --logging_steps 5
+  --projector_lr 1e-3 --num_train_epochs 1 --logging_steps 5
 
 cat <<EOF
 

@@ -81,6 +81,30 @@ def test_tiny_clip_matches_images_to_their_captions(tiny_world):
     assert acc > 0.3, acc  # chance is about 1/64
 
 
+def test_tiny_clip_patch_features_know_their_column(tiny_world):
+    """Left/right questions need each patch feature (layer -2, what LLaVA uses) to carry its own position.
+    A linear read-out of the column, fit on 400 images and tested on 200 others: 82% with CLIP's default
+    random position init, 99.9% with the 2D sine-cosine start the tiny CLIP now uses."""
+    from transformers import CLIPVisionModel
+
+    records = json.loads((tiny_world.data / "pretrain" / "chat.json").read_text())[:600]
+    model = CLIPVisionModel.from_pretrained(tiny_world.clip).eval()
+    proc = CLIPImageProcessor.from_pretrained(tiny_world.clip)
+    images = [Image.open(tiny_world.data / "pretrain" / "images_dl" / r["image"]).convert("RGB") for r in records]
+    with torch.no_grad():
+        out = model(pixel_values=proc(images=images, return_tensors="pt")["pixel_values"], output_hidden_states=True)
+    feats = out.hidden_states[-2][:, 1:]  # patches only, as vision_feature_select_strategy="default"
+    n, patches, dim = feats.shape
+    grid = int(patches**0.5)
+    column = (torch.arange(patches) % grid).repeat(n)
+    x = torch.cat([feats.reshape(-1, dim), torch.ones(n * patches, 1)], dim=1)
+    fit = slice(0, 400 * patches)
+    test = slice(400 * patches, None)
+    w = torch.linalg.lstsq(x[fit], torch.nn.functional.one_hot(column[fit], grid).float()).solution
+    accuracy = (x[test] @ w).argmax(1).eq(column[test]).float().mean().item()
+    assert accuracy > 0.95, accuracy
+
+
 def test_described_chat_answers_from_the_description():
     """The LM's corpus asks about a scene told in words; every answer must follow from that text."""
     import random
