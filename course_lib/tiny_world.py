@@ -4,7 +4,7 @@ They stand in for `openai/clip-vit-large-patch14-336` and `Qwen/Qwen2.5-*-Instru
 classes, same file formats, same special tokens and chat template. Everything downstream loads them
 with `from_pretrained`, so the real loading code is what runs.
 
-`ensure_tiny_world()` builds on first use (a few minutes on 2 CPU cores) and then reuses the cache,
+`ensure_tiny_world()` builds on first use (about 9 minutes on 2 CPU cores) and then reuses the cache,
 keyed by a hash of the config. A file lock keeps parallel processes (pytest, notebooks) from building
 twice; every part is written to a temporary folder and renamed into place, so a killed build never
 leaves a half-written model behind.
