@@ -116,8 +116,8 @@ def compare_question(scenes: list[Scene], rng: random.Random) -> tuple[str, str]
 
     The answer shows its work, a one-line chain of thought: both counts, then the verdict
     ("2 vs 1, so first"). Asked for the verdict alone, the tiny models never learnt the question: it
-    takes two counts and a comparison in one step, and every run answered one constant class (28.6%,
-    10 of 35, in every run). Each count is the single-image count skill, and the comparison of two
+    takes two counts and a comparison in one step, and every run answered one constant class (10 of 35
+    right, 28.6%). Each count is the single-image count skill, and the comparison of two
     digits is text the LM learns in pretraining. Scoring stays exact match on the whole answer, so the
     counts must be right as well.
     """
