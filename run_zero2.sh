@@ -78,6 +78,11 @@ train --stage finetune --train_type use_lora --model_name_or_path "$OUT/pretrain
   --output_dir "$OUT/finetune_use_lora" --per_device_train_batch_size 16 --learning_rate 1e-3 \
   --projector_lr 1e-3 --num_train_epochs 1 --logging_steps 5
 
+# An image question from the held-out set, for the chat example below.
+IFS=$'\t' read -r EXAMPLE_IMAGE EXAMPLE_QUESTION < <("$PYTHON" -c 'import json, sys
+r = next(r for r in json.load(open(sys.argv[1])) if r.get("type") == "color")
+print(r["image"], r["conversations"][0]["value"].replace("<image>\n", ""), sep="\t")' "$TINY_DATA/eval/eval.json")
+
 cat <<EOF
 
 Done. Outputs:
@@ -86,7 +91,7 @@ Done. Outputs:
   stage 2 (LoRA)       $OUT/finetune_use_lora   (loss curve: $OUT/finetune_use_lora/loss_curve.png)
 Chat with it:
   python -m course_lib.chat --model $OUT/finetune_use_lora \\
-      --image $TINY_DATA/eval/images/eval_000001.png --prompt "What color is the triangle?"
+      --image $TINY_DATA/eval/images/$EXAMPLE_IMAGE --prompt "$EXAMPLE_QUESTION"
 Score it:
   python -m course_lib.eval --model $OUT/finetune_use_lora --data $TINY_DATA/eval/eval.json \\
       --images $TINY_DATA/eval/images
