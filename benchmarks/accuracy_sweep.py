@@ -3,7 +3,8 @@
 Single process, no DeepSpeed, so it can run next to other work on a small CPU machine:
 
     COURSE_LIB_HOME=/tmp/acc_home python benchmarks/accuracy_sweep.py --out /tmp/acc/run1 \\
-        --world '{"lm_steps": 600}' --seeds 0 1 --types use_lora freeze_vision none
+        --world '{"lm_steps": 600}' --seeds 0 1 --types use_lora freeze_vision none \\
+        --stage2 "--num_train_epochs 3 --per_device_train_batch_size 16"
 
 Prints one table per seed (eval.format_table) and the time of every stage; writes results.json in --out.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -43,8 +45,11 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=list(LR))
     parser.add_argument("--lr", default="{}", help="stage-2 LR per train type as JSON")
     parser.add_argument("--projector_lr", default="1e-3")
-    parser.add_argument("--stage1", nargs="*", default=["--learning_rate", "1e-3", "--num_train_epochs", "1"])
-    parser.add_argument("--stage2", nargs="*", default=["--num_train_epochs", "2"])
+    # One string each, split like a shell line: --stage2 "--num_train_epochs 3 --per_device_train_batch_size 8"
+    parser.add_argument("--stage1", type=shlex.split, default="--learning_rate 1e-3 --num_train_epochs 1",
+                        help="extra train.py flags for stage 1, as one string")
+    parser.add_argument("--stage2", type=shlex.split, default="--num_train_epochs 2",
+                        help="extra train.py flags for stage 2, as one string")
     parser.add_argument("--eval_limit", type=int)
     args = parser.parse_args()
     lrs = {**LR, **json.loads(args.lr)}
