@@ -128,3 +128,35 @@ def plot_answers(items, reports: dict[str, dict], k: int = 4):
         ax.set_title("\n".join(lines), fontsize=7, loc="left")
     fig.tight_layout()
     return fig
+
+
+def accuracy_by_objects(report: dict, records: list[dict]) -> dict[str, dict[int, tuple[float, int]]]:
+    """{question type: {objects in the scene: (accuracy, n)}} over the single-image questions of `report`,
+    plus "all" pooling them. `records` are the eval records, whose `objects` field lists the objects in
+    each image. A model that reads one object but cannot pick one out of several falls as n grows."""
+    objects = {r["id"]: r["objects"][0] for r in records if len(r.get("objects", ())) == 1}
+    groups: dict[str, dict[int, list[bool]]] = {}
+    for row in report["predictions"]:
+        if row["id"] in objects:
+            for key in (row["type"], "all"):
+                groups.setdefault(key, {}).setdefault(objects[row["id"]], []).append(row["correct"])
+    return {t: {n: (sum(h) / len(h), len(h)) for n, h in sorted(g.items())} for t, g in sorted(groups.items())}
+
+
+def plot_by_objects(reports: dict[str, dict], records: list[dict]):
+    """One panel per model: accuracy of each single-image question type against the objects in the scene."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(reports), figsize=(3.2 * len(reports), 3), sharey=True, squeeze=False)
+    for ax, (name, report) in zip(axes[0], reports.items()):
+        for qtype, by_n in accuracy_by_objects(report, records).items():
+            ns = list(by_n)
+            ax.plot(ns, [by_n[n][0] for n in ns], marker="o", label=qtype,
+                    linewidth=2.5 if qtype == "all" else 1, color="k" if qtype == "all" else None)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("objects in the image")
+        ax.set_xticks(sorted({n for r in records for n in r.get("objects", ())}))
+        ax.set_ylim(0, 1.05)
+    axes[0][0].set_ylabel("exact-match accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

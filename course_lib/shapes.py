@@ -185,14 +185,16 @@ def _conv(turns: list[tuple[str, str]], n_images: int) -> list[dict]:
     return conv
 
 
-def _record(sid: str, part: str, qtype: str, answer: str, image, conv: list[dict]) -> dict:
-    """A LLaVA record; the held-out eval part also carries its question type and reference answer."""
+def _record(sid: str, part: str, qtype: str, answer: str, image, conv: list[dict],
+            scenes: tuple[Scene, ...] = ()) -> dict:
+    """A LLaVA record; the held-out eval part also carries its question type, reference answer and the
+    number of objects in each image (`objects`), so accuracy can be broken down by scene size."""
     rec: dict = {"id": sid}
     if image is not None:
         rec["image"] = image
     rec["conversations"] = conv
     if part == "eval":
-        rec.update(type=qtype, answer=answer)
+        rec.update(type=qtype, answer=answer, objects=[len(s.objects) for s in scenes])
     return rec
 
 
@@ -241,14 +243,14 @@ def write_world(out: Path, spec: WorldSpec) -> dict[str, int]:
                 q, a = compare_question(scenes, rng)
                 names = [_save(render(s, spec.image_size, rng), folder / "images", f"{sid}_{k}.png")
                          for k, s in enumerate(scenes)]
-                records.append(_record(sid, part, "compare", a, names, _conv([(q, a)], 2)))
+                records.append(_record(sid, part, "compare", a, names, _conv([(q, a)], 2), tuple(scenes)))
             else:
                 scene = random_scene(rng, spec.max_objects)
                 name = _save(render(scene, spec.image_size, rng), folder / "images", f"{sid}.png")
                 qs = questions(scene, rng)
                 turns = rng.sample(qs, min(len(qs), 1 if part == "eval" else rng.randint(1, spec.max_turns)))
                 conv = _conv([(q, a) for _, q, a in turns], 1)
-                records.append(_record(sid, part, turns[0][0], turns[0][2], name, conv))
+                records.append(_record(sid, part, turns[0][0], turns[0][2], name, conv, (scene,)))
         _atomic_json(records, folder / f"{part}.json")
         sizes[part] = len(records)
     return sizes

@@ -32,7 +32,7 @@ from .chat_template import QWEN2_5_TEMPLATE
 from .shapes import WorldSpec, caption, described_chat, random_scene, text_only_qa, world_texts, write_world
 
 # Bump when the building code changes in a way that changes the artefacts.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 

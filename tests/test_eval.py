@@ -46,6 +46,20 @@ def test_score_on_hand_made_predictions():
     assert table[-1].split() == ["all", "6", "66.7%", "50.0%"]
 
 
+def test_accuracy_by_objects_on_hand_made_predictions():
+    from course_lib.reporting import accuracy_by_objects
+
+    records = [{"id": "a", "objects": [1]}, {"id": "b", "objects": [3]}, {"id": "c", "objects": [3]},
+               {"id": "d", "objects": [1, 2]}, {"id": "e", "objects": []}]
+    report = {"predictions": [{"id": "a", "type": "shape", "correct": True},
+                              {"id": "b", "type": "shape", "correct": False},
+                              {"id": "c", "type": "color", "correct": True},
+                              {"id": "d", "type": "compare", "correct": True},  # two images: left out
+                              {"id": "e", "type": "text", "correct": True}]}  # no image: left out
+    assert accuracy_by_objects(report, records) == {
+        "all": {1: (1.0, 1), 3: (0.5, 2)}, "color": {3: (1.0, 1)}, "shape": {1: (1.0, 1), 3: (0.0, 1)}}
+
+
 def test_records_become_prompts_and_references(tmp_path):
     record = {"id": "r1", "image": ["a.png", "b.png"], "conversations": [
         {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A circle."},

@@ -37,6 +37,12 @@ def test_world_has_the_three_parts(tiny_world):
     ev = json.loads((tiny_world.data / "eval" / "eval.json").read_text())
     assert {"color", "shape", "count", "position", "compare", "text"} <= {r["type"] for r in ev}
     assert all(r["answer"] == r["conversations"][1]["value"] for r in ev)
+    # `objects` counts the objects drawn in each image: the "How many shapes" answers must agree with it.
+    assert all(len(r["objects"]) == (len(r["image"]) if isinstance(r.get("image"), list) else int("image" in r))
+               for r in ev)
+    totals = [(int(r["answer"]), r["objects"][0]) for r in ev if r["conversations"][0]["value"].endswith(
+        "How many shapes are there?")]
+    assert totals and all(a == n for a, n in totals)
 
 
 def test_tokenizer_carries_qwen_special_tokens_and_template(tiny_world):
