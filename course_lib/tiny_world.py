@@ -33,6 +33,9 @@ from .shapes import WorldSpec, caption, described_chat, random_scene, text_only_
 
 # Bump when the building code changes in a way that changes the artefacts.
 BUILD_VERSION = 4
+# Fields added after BUILD_VERSION 4: they enter the cache key only when changed, so a world built before
+# they existed is still found.
+LATE_FIELDS = {"lm_rope_theta": 1000000.0, "vit_sincos_scale": 1.0}
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
@@ -47,6 +50,9 @@ class TinyWorldConfig:
     vit_n_blocks: int = 3
     vit_n_heads: int = 4
     vit_sincos_init: bool = True  # position embeddings start as 2D sine-cosine codes (see train_clip)
+    # Amplitude of those codes. At patch 32 (one token per 2x2 cell) content outweighs scale 1: a token's
+    # side (left/right) reads back linearly from 69% of occupied cells' layer -2 features, 99.6% at scale 4.
+    vit_sincos_scale: float = 1.0
     clip_text_hidden_dim: int = 128
     clip_text_n_blocks: int = 2
     clip_projection_dim: int = 128
@@ -62,9 +68,14 @@ class TinyWorldConfig:
     lm_batch_size: int = 32
     lm_corpus_size: int = 10000
     lm_lr: float = 2e-3
+    lm_rope_theta: float = 1000000.0  # Qwen2.5's; Qwen2Config's default 1e4 read described scenes worse
 
     def key(self) -> str:
-        blob = json.dumps({"v": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        values = asdict(self)
+        for name, default in LATE_FIELDS.items():  # at their defaults, they leave the key as it was
+            if values[name] == default:
+                del values[name]
+        blob = json.dumps({"v": BUILD_VERSION, **values}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -207,7 +218,7 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([code(cols), code(rows)], dim=1).float()
 
 
-def _init_sincos_positions(embeddings) -> None:
+def _init_sincos_positions(embeddings, scale: float = 1.0) -> None:
     """Start the ViT's learned position embeddings from 2D sine-cosine codes (the class token's at zero).
 
     With CLIP's default small random init, a patch's own column could be read back linearly from its
@@ -218,7 +229,7 @@ def _init_sincos_positions(embeddings) -> None:
     grid = int(round((weight.shape[0] - 1) ** 0.5))
     with torch.no_grad():
         weight[0].zero_()
-        weight[1:] = sincos_2d(grid, weight.shape[1])
+        weight[1:] = scale * sincos_2d(grid, weight.shape[1])
 
 
 def train_clip(cfg: TinyWorldConfig, world: TinyWorld, out: Path) -> None:
@@ -242,7 +253,7 @@ def train_clip(cfg: TinyWorldConfig, world: TinyWorld, out: Path) -> None:
     model = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg,
                                  projection_dim=cfg.clip_projection_dim))
     if cfg.vit_sincos_init:
-        _init_sincos_positions(model.vision_model.embeddings)
+        _init_sincos_positions(model.vision_model.embeddings, cfg.vit_sincos_scale)
     # The OpenAI CLIP preprocessing (resize shortest edge, centre crop, OpenAI mean/std) at our size.
     processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
@@ -294,7 +305,7 @@ def train_llm(cfg: TinyWorldConfig, world: TinyWorld, out: Path) -> None:
     config = Qwen2Config(vocab_size=vocab, hidden_size=cfg.lm_hidden_dim, intermediate_size=cfg.lm_inter_dim,
                          num_hidden_layers=cfg.lm_n_blocks, num_attention_heads=cfg.lm_n_heads,
                          num_key_value_heads=cfg.lm_n_kv_heads, max_position_embeddings=4096,
-                         rope_theta=1000000.0, tie_word_embeddings=False,
+                         rope_theta=cfg.lm_rope_theta, tie_word_embeddings=False,
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"])
     model = Qwen2ForCausalLM(config)

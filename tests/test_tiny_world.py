@@ -27,6 +27,30 @@ def test_world_is_deterministic_by_seed(tmp_path):
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
 
 
+def test_late_config_fields_keep_existing_worlds_and_reach_the_models(tiny_world, tmp_path):
+    """Knobs added after a world was built leave its cache key alone at their defaults (no silent 9-minute
+    rebuild), change it when set, and really reach the CLIP and Qwen2 configs they are named after."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from course_lib.tiny_world import LATE_FIELDS, TinyWorldConfig, _init_sincos_positions, sincos_2d, train_llm
+
+    default = TinyWorldConfig()
+    assert default.key() == "03e62aefde"  # the BUILD_VERSION 4 world, built before these fields existed
+    keys = {TinyWorldConfig(**{name: value * 2}).key() for name, value in LATE_FIELDS.items()}
+    assert len(keys) == len(LATE_FIELDS) and default.key() not in keys
+
+    vision = CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=32, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=2))
+    _init_sincos_positions(vision.embeddings, scale=4.0)
+    weight = vision.embeddings.position_embedding.weight
+    assert torch.equal(weight[1:], 4.0 * sincos_2d(2, 32)) and not weight[0].any()
+
+    small = TinyWorldConfig(lm_steps=1, lm_corpus_size=20, lm_hidden_dim=32, lm_inter_dim=64, lm_n_blocks=1,
+                            lm_n_heads=2, lm_n_kv_heads=1, lm_rope_theta=1e4)
+    train_llm(small, tiny_world, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["rope_parameters"]["rope_theta"] == 1e4
+
+
 def test_world_has_the_three_parts(tiny_world):
     pre = json.loads((tiny_world.data / "pretrain" / "chat.json").read_text())
     assert all(r["conversations"][0]["value"].endswith("<image>") for r in pre)  # CC3M puts it last
