@@ -78,8 +78,11 @@ def side_probe(world: str, n_fit: int = 1500, n_test: int = 500, layer: int = -2
     grid = int(n_tokens ** 0.5)
     col = torch.arange(n_tokens) % grid
     side = (col * 2 // grid).repeat(len(scenes))  # 0 left, 1 right
-    cell = ((torch.arange(n_tokens) // grid) * 2 // grid) * 2 + col * 2 // grid
-    occupied = torch.tensor([int(c) in {o.cell for o in s.objects} for s in scenes for c in cell])
+    cell = ((torch.arange(n_tokens) // grid) * 2 // grid) * 2 + col * 2 // grid  # each token's 2x2 cell
+    filled = torch.zeros(len(scenes), 4, dtype=torch.bool)
+    for i, s in enumerate(scenes):
+        filled[i, [o.cell for o in s.objects]] = True
+    occupied = filled[:, cell].reshape(-1)
     x = torch.cat([feats.reshape(-1, feats.shape[-1]), torch.ones(len(side), 1)], dim=1)
     fit, test = slice(0, n_fit * n_tokens), slice(n_fit * n_tokens, None)
     w = torch.linalg.lstsq(x[fit], torch.nn.functional.one_hot(side[fit], 2).float()).solution

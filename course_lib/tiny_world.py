@@ -33,9 +33,9 @@ from .shapes import WorldSpec, caption, described_chat, random_scene, text_only_
 
 # Bump when the building code changes in a way that changes the artefacts.
 BUILD_VERSION = 4
-# Fields added after BUILD_VERSION 4: they enter the cache key only when changed, so a world built before
-# they existed is still found.
-LATE_FIELDS = {"lm_rope_theta": 1000000.0, "vit_sincos_scale": 1.0}
+# Fields added after BUILD_VERSION 4: they enter the cache key only when changed from their defaults, so a
+# world built before they existed is still found.
+LATE_FIELDS = ("lm_rope_theta", "vit_sincos_scale")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
@@ -73,8 +73,8 @@ class TinyWorldConfig:
 
     def key(self) -> str:
         values = asdict(self)
-        for name, default in LATE_FIELDS.items():  # at their defaults, they leave the key as it was
-            if values[name] == default:
+        for name in LATE_FIELDS:  # at their defaults, they leave the key as it was
+            if values[name] == self.__dataclass_fields__[name].default:
                 del values[name]
         blob = json.dumps({"v": BUILD_VERSION, **values}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]

@@ -36,7 +36,7 @@ def test_late_config_fields_keep_existing_worlds_and_reach_the_models(tiny_world
 
     default = TinyWorldConfig()
     assert default.key() == "03e62aefde"  # the BUILD_VERSION 4 world, built before these fields existed
-    keys = {TinyWorldConfig(**{name: value * 2}).key() for name, value in LATE_FIELDS.items()}
+    keys = {TinyWorldConfig(**{name: getattr(default, name) * 2}).key() for name in LATE_FIELDS}
     assert len(keys) == len(LATE_FIELDS) and default.key() not in keys
 
     vision = CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=32, hidden_size=32, intermediate_size=64,
