@@ -74,7 +74,7 @@ def broken_records() -> list[dict]:
         {"id": "answer_first", "image": "gray.png", "conversations": _conv()[::-1]},
         {"id": "empty_answer", "image": "gray.png", "conversations": _conv(answer="  ")},
         {"id": "typo_key", "image": "gray.png", "conversations": _conv(), "caption": A},
-        {"id": "too_long", "image": ["gray.png"] * 8, "conversations": _conv("<image>" * 8 + Q)},
+        {"id": "too_long", "image": ["gray.png"] * 32, "conversations": _conv("<image>" * 32 + Q)},
         {"id": "long_text", "conversations": _conv("Tell me a story.", "Once upon a time " * 40)},
     ]
     return records
@@ -83,8 +83,8 @@ def broken_records() -> list[dict]:
 def write_broken_set(folder: str | Path) -> tuple[Path, Path]:
     """Write data.json + images/ under `folder`; return (data file, image folder).
 
-    Validate it with model_max_length=128 (the tiny world's 16 tokens per image): `too_long` then cannot
-    fit its 8 images and `long_text` gets truncated.
+    Validate it with model_max_length=128: `too_long` then cannot fit its 32 images (at 4 or more tokens
+    per image; the tiny world has 4) and `long_text` gets truncated.
     """
     folder = Path(folder)
     images = folder / "images"

@@ -61,7 +61,7 @@ def image_size(processor) -> tuple[int, int]:
 
 
 def image_token_count(processor) -> int:
-    """Tokens one `<image>` becomes, from the processor's config: 16 for the tiny world, 576 for CLIP-L/336.
+    """Tokens one `<image>` becomes, from the processor's config: 4 for the tiny world, 576 for CLIP-L/336.
 
     Mirrors `LlavaProcessor.replace_image_token`: (H / patch) * (W / patch) patches, plus CLS (as
     `num_additional_image_tokens`), minus CLS again when `vision_feature_select_strategy == "default"`.

@@ -58,7 +58,7 @@ def test_round_trip_gives_identical_outputs_and_no_missing_keys(tiny_world, empt
     inputs = processor(images=image, text=processor.apply_chat_template(msgs, add_generation_prompt=True),
                        return_tensors="pt")
     n_img = (inputs["input_ids"] == loaded.config.image_token_index).sum().item()
-    assert n_img == num_image_tokens(loaded.config.vision_config) == 16
+    assert n_img == num_image_tokens(loaded.config.vision_config) == 4  # (64 px / patch 32)^2
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, loaded.eval()(**inputs).logits)
 

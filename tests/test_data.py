@@ -15,6 +15,7 @@ from course_lib.broken_data import EXPECTED, write_broken_set, write_exotic_imag
 from course_lib.data import DataError, LlavaDataset, main
 from course_lib.images import expand2square, load_image, resolve_image_path, to_rgb
 from course_lib.records import to_sample
+from course_lib.templates import image_token_count
 
 Q, A = "What color is the circle?", "red"
 
@@ -70,8 +71,8 @@ def test_cc3m_folder_layout_and_image_at_the_end(tiny_world, processor):
     item = ds[0]
     ids = item["input_ids"].tolist()
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    first = ids.index(image_id)
-    assert ids[first:first + 16] == [image_id] * 16
+    first, n = ids.index(image_id), image_token_count(processor)
+    assert n == 4 and ids[first:first + n] == [image_id] * n and ids[first + n] != image_id  # one whole run
     text_before = processor.tokenizer.decode(ids[:first])
     assert text_before.endswith("Give a brief description of the image.\n")  # <image> stayed at the end of the turn
     assert item["pixel_values"].shape == (1, 3, 64, 64)
@@ -88,20 +89,22 @@ def test_items_lengths_and_text_only_samples(tiny_world, processor):
         assert set(item) == {"id", "input_ids", "labels", "pixel_values"}
         assert item["input_ids"].dtype == item["labels"].dtype == torch.long
         assert item["pixel_values"].shape == (n, 3, 64, 64) and item["pixel_values"].dtype == torch.float32
-        assert (item["input_ids"] == ds.encoder.image_token_id).sum() == 16 * n
+        assert (item["input_ids"] == ds.encoder.image_token_id).sum() == image_token_count(processor) * n
         assert len(item["input_ids"]) == ds.lengths[k]
         assert (ds.modality_lengths[k] < 0) == (n == 0)
 
 
 def test_truncation_in_the_dataset_keeps_images_whole(tiny_world, processor):
-    ds = LlavaDataset(tiny_world.data / "instruct" / "instruct.json", processor, template="chat", model_max_length=60)
+    # Short enough that some conversations lose turns and some cannot keep even their first turn.
+    ds = LlavaDataset(tiny_world.data / "instruct" / "instruct.json", processor, template="chat", model_max_length=48)
     assert ds.stats["truncated"] > 0 and ds.stats["dropped_too_long"] > 0
     n_records = len(json.loads((tiny_world.data / "instruct" / "instruct.json").read_text()))
     assert len(ds) == n_records - ds.stats["dropped_too_long"]
     for k in range(0, len(ds), 97):
         item = ds[k]
         n_image_tokens = (item["input_ids"] == ds.encoder.image_token_id).sum().item()
-        assert len(item["input_ids"]) <= 60 and n_image_tokens == 16 * len(item["pixel_values"])
+        assert len(item["input_ids"]) <= 48
+        assert n_image_tokens == image_token_count(processor) * len(item["pixel_values"])
         assert (item["labels"][1:] != -100).any()
 
 

@@ -66,7 +66,7 @@ def test_chat_template_labels_exactly_the_answers(chat, instruct, processor, kin
         assert tok.decode(encoded.input_ids[end:end + 1]) == "\n"  # the "\n" after <|im_end|>: no loss
         assert encoded.input_ids[end - 1] == tok.convert_tokens_to_ids("<|im_end|>")
     image_positions = [k for k, t in enumerate(encoded.input_ids) if t == chat.image_token_id]
-    assert len(image_positions) == 16 * len(sample.images)
+    assert len(image_positions) == image_token_count(processor) * len(sample.images)
     assert all(encoded.labels[k] == IGNORE_INDEX for k in image_positions)
     assert encoded.labels.count(IGNORE_INDEX) + sum(e - s for s, e in _runs(encoded.labels)) == len(encoded.labels)
 
@@ -82,10 +82,11 @@ def test_plain_template_is_image_tokens_caption_eos(processor, tiny_world):
     encoded = plain.encode(to_sample(record, 0))
     plain.check(encoded)
     caption = record["conversations"][1]["value"]
-    assert encoded.input_ids[:16] == [plain.image_token_id] * 16
-    assert encoded.labels[:16] == [IGNORE_INDEX] * 16
-    assert encoded.labels[16:] == encoded.input_ids[16:]  # the instruction text of the human turn is dropped
-    assert processor.tokenizer.decode(encoded.input_ids[16:]) == caption + processor.tokenizer.eos_token
+    n = image_token_count(processor)
+    assert encoded.input_ids[:n] == [plain.image_token_id] * n
+    assert encoded.labels[:n] == [IGNORE_INDEX] * n
+    assert encoded.labels[n:] == encoded.input_ids[n:]  # the instruction text of the human turn is dropped
+    assert processor.tokenizer.decode(encoded.input_ids[n:]) == caption + processor.tokenizer.eos_token
 
 
 def test_plain_template_refuses_multi_turn(processor, instruct):

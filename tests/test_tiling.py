@@ -91,15 +91,16 @@ def test_tiling_end_to_end_dataset_training_and_chat(tiny_world, empty_llava, wi
     from course_lib.chat import Chat
     from course_lib.data import LlavaDataset
     from course_lib.inference import load_trained, prepare_inputs, user_message
+    from course_lib.templates import image_token_count
 
     folder, _, processor = empty_llava
     data = LlavaDataset(wide_data / "wide.json", processor, template="chat", image_tiling=4)
     item = data[0]
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    image_id, n = processor.tokenizer.convert_tokens_to_ids("<image>"), image_token_count(processor)
     assert item["pixel_values"].shape == (3, 3, 64, 64)  # 2 tiles + thumbnail
-    assert (item["input_ids"] == image_id).sum() == 3 * 16
+    assert (item["input_ids"] == image_id).sum() == 3 * n
     untiled = LlavaDataset(wide_data / "wide.json", processor, template="chat")[0]
-    assert (untiled["input_ids"] == image_id).sum() == 16 and untiled["pixel_values"].shape[0] == 1
+    assert (untiled["input_ids"] == image_id).sum() == n and untiled["pixel_values"].shape[0] == 1
 
     fast = ["--data_path", str(wide_data / "wide.json"), "--image_tiling", "4", "--max_steps", "2",
             "--per_device_train_batch_size", "4", "--report_to", "none", "--seed", "0"]
@@ -112,6 +113,6 @@ def test_tiling_end_to_end_dataset_training_and_chat(tiny_world, empty_llava, wi
     wide = Image.open(wide_data / "images" / "w0.png")
     inputs = prepare_inputs(loaded.processor, [[user_message("What is on the left?", 1)]], [[wide]],
                             loaded.device, loaded.dtype, **loaded.preprocessing)
-    assert inputs["pixel_values"].shape[0] == 3 and (inputs["input_ids"] == image_id).sum() == 48
+    assert inputs["pixel_values"].shape[0] == 3 and (inputs["input_ids"] == image_id).sum() == 3 * n
     reply = Chat(loaded).ask("What is on the left?", images=[wide])
     assert reply and reply == Chat(loaded).ask("What is on the left?", images=[wide])  # greedy: deterministic

@@ -7,6 +7,7 @@ from PIL import Image
 
 from course_lib import plots
 from course_lib.data import LlavaDataset
+from course_lib.templates import image_token_count
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def test_token_cells_shorten_long_image_runs(item, empty_llava):
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     ids = item["input_ids"].tolist()
     kinds = ["text"] * len(ids)
-    cells = plots._token_cells(ids, processor.tokenizer, image_id, kinds, max_image_tokens=4)
-    assert len(cells) == len(ids) - 16 + 4 and ("… x16", "text") in cells
-    assert len(plots._token_cells(ids, processor.tokenizer, image_id, kinds, max_image_tokens=32)) == len(ids)
+    n = image_token_count(processor)  # one image's run, shown as 2 cells: "<image>", "… xN"
+    cells = plots._token_cells(ids, processor.tokenizer, image_id, kinds, max_image_tokens=2)
+    assert n > 2 and len(cells) == len(ids) - n + 2 and (f"… x{n}", "text") in cells
+    assert len(plots._token_cells(ids, processor.tokenizer, image_id, kinds, max_image_tokens=n)) == len(ids)

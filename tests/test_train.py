@@ -139,6 +139,7 @@ def test_packing_and_gradient_checkpointing_train_lora(stage1, small_data, tmp_p
 
 def test_partial_lora_changes_only_image_positions_and_reloads(stage1, small_data, tmp_path):
     """Partial LoRA: text-only logits stay the stage-1 model's; image prompts change; the output reloads."""
+    from course_lib.build import num_image_tokens
     from course_lib.inference import LoadError, load_trained
     from course_lib.partial_lora import ATTR
 
@@ -160,7 +161,7 @@ def test_partial_lora_changes_only_image_positions_and_reloads(stage1, small_dat
     assert any(v.abs().max() > 0 for k, v in adapters.state_dict().items() if "lora_B" in k)  # B moved from 0
     image_id = loaded.model.config.image_token_id
     text = torch.tensor([[5, 17, 42, 99, 3]])
-    with_image = torch.tensor([[5] + [image_id] * 16 + [17, 42]])
+    with_image = torch.tensor([[5] + [image_id] * num_image_tokens(loaded.model.config.vision_config) + [17, 42]])
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.model(input_ids=text).logits, plain(input_ids=text).logits)
