@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests notebooks --nbmake --nbmake-timeout=1800
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests notebooks --nbmake --nbmake-timeout=3600
 
 # Speed, padded vs packed, side by side (not part of `make test`); figures and results.json in benchmarks/out.
 bench: $(STAMP)
