@@ -42,7 +42,7 @@ def parse_args(argv):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--geometry", default="tiny", choices=sorted(speed.GEOMETRIES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2", "flex_attention"])
     parser.add_argument("--gradient_checkpointing", type=_bool, default=False)
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--batch_size", type=int, default=8)
