@@ -68,15 +68,14 @@ OUT="${OUT:-runs/tiny}"
 if [[ ! -f "$OUT/empty_llava/config.json" ]]; then
   "$PYTHON" -m course_lib.build --vision tiny --llm tiny --out "$OUT/empty_llava"
 fi
+# The flags of each stage come from the course's one recipe book (course_lib/training/recipes.py).
+recipe() { "$PYTHON" -m course_lib.training.recipes "$@" --data "$TINY_DATA"; }
 # Stage 1, LLaVA-1.5's pretrain recipe scaled down: projector only, lr 1e-3, one epoch.
-train --stage pretrain --model_name_or_path "$OUT/empty_llava" --data_path "$TINY_DATA/pretrain" \
-  --output_dir "$OUT/pretrain" --per_device_train_batch_size 16 --learning_rate 1e-3 --num_train_epochs 1 \
-  --logging_steps 5
+mapfile -t flags < <(recipe pretrain --model "$OUT/empty_llava" --output_dir "$OUT/pretrain")
+train "${flags[@]}"
 # Stage 2 with LoRA on the language model; the projector trains in full at its own LR.
-train --stage finetune --train_type use_lora --model_name_or_path "$OUT/pretrain" \
-  --data_path "$TINY_DATA/instruct/instruct.json" --image_folder "$TINY_DATA/instruct/images" \
-  --output_dir "$OUT/finetune_use_lora" --per_device_train_batch_size 16 --learning_rate 1e-3 \
-  --projector_lr 1e-3 --num_train_epochs 1 --logging_steps 5
+mapfile -t flags < <(recipe finetune use_lora --model "$OUT/pretrain" --output_dir "$OUT/finetune_use_lora")
+train "${flags[@]}"
 
 # An image question from the held-out set, for the chat example below.
 IFS=$'\t' read -r EXAMPLE_IMAGE EXAMPLE_QUESTION < <("$PYTHON" -c 'import json, sys

@@ -21,9 +21,9 @@ from pathlib import Path
 from course_lib import train
 from course_lib.build import build_llava
 from course_lib.eval import evaluate, format_table, load_items
-from course_lib.inference import load_trained
-from course_lib.shapes import WorldSpec
-from course_lib.tiny_world import TinyWorldConfig, ensure_tiny_world
+from course_lib.serving.loading import load_trained
+from course_lib.world import TinyWorldConfig, ensure_tiny_world
+from course_lib.world.scenes import WorldSpec
 
 LR = {"use_lora": "1e-3", "freeze_vision": "5e-4", "none": "2e-4"}
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from course_lib import plots, speed
-from course_lib.params import render_table
+from course_lib.lessons import plots, speed
+from course_lib.util.tables import render_table
 
 
 def _bool(text: str) -> bool:
@@ -61,9 +61,9 @@ def parse_args(argv):
 def loader_part(out: Path) -> dict:
     """Data pipeline on the tiny world: LlavaDataset + PaddedCollator vs the tiny model's step."""
     from course_lib.build import build_llava
-    from course_lib.collators import PaddedCollator
-    from course_lib.data import LlavaDataset
-    from course_lib.tiny_world import ensure_tiny_world
+    from course_lib.data.collators import PaddedCollator
+    from course_lib.data.dataset import LlavaDataset
+    from course_lib.world import ensure_tiny_world
 
     world = ensure_tiny_world()
     model, processor = build_llava(str(world.clip), str(world.llm))

@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from course_lib.eval import is_correct
-from course_lib.shapes import caption, compare_question, questions, random_scene, render, text_only_qa
+from course_lib.world.scenes import caption, compare_question, questions, random_scene, render, text_only_qa
 
 
 def probe_items(n: int = 600, seed: int = 1234) -> list[tuple[str, str, str]]:

@@ -33,9 +33,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from course_lib import shapes
-from course_lib.chat_template import QWEN_DEFAULT_SYSTEM
 from course_lib.eval import is_correct
+from course_lib.model.chat_template import QWEN_DEFAULT_SYSTEM
+from course_lib.world import scenes as shapes
 
 
 def _images(record: dict) -> list[str]:

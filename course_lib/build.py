@@ -12,7 +12,6 @@ pretrained weights, copied into transformers' current Llava layout (`model.model
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,23 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .chat_template import LLAVA_QWEN_TEMPLATE
+from course_lib.model.chat_template import LLAVA_QWEN_TEMPLATE
+from course_lib.util.quiet import quiet_transformers
 
 IMAGE_TOKEN = "<image>"
 SUPPORTED_LLMS = ("qwen2",)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' load reports (e.g. the CLIP text keys a vision-only load skips)."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
 
 
 class BuildError(ValueError):
@@ -52,7 +39,7 @@ class Sources:
 def resolve_sources(vision: str, llm: str) -> Sources:
     """Map the word `tiny` to the tiny world's backbones (built on first use); keep paths and hub ids."""
     if "tiny" in (vision, llm):
-        from .tiny_world import ensure_tiny_world
+        from course_lib.world import ensure_tiny_world
 
         world = ensure_tiny_world()
         vision = str(world.clip) if vision == "tiny" else vision

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .inference import (
+from course_lib.serving.loading import (
     GenerationSettings,
     ImageError,
     LoadedModel,

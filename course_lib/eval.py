@@ -25,9 +25,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .images import load_image, resolve_image_path
-from .inference import GenerationSettings, LoadedModel, LoadError, generate_replies, load_trained
-from .records import DataError, locate_data, read_records, record_id, to_sample
+from course_lib.data.images import load_image, resolve_image_path
+from course_lib.data.records import DataError, locate_data, read_records, record_id, to_sample
+from course_lib.serving.loading import GenerationSettings, LoadedModel, LoadError, generate_replies, load_trained
 
 ARTICLES = {"a", "an", "the"}
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(

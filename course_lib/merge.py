@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .inference import LoadError, load_trained
+from course_lib.serving.loading import LoadError, load_trained
 
 
 def merge_lora(adapter_dir: str | Path, out: str | Path):

@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from course_lib.shapes import WorldSpec, write_world
+from course_lib.world.scenes import WorldSpec, write_world
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 @pytest.fixture(scope="session")
 def tiny_world():
-    from course_lib.tiny_world import ensure_tiny_world
+    from course_lib.world import ensure_tiny_world
 
     return ensure_tiny_world()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from course_lib.chat import Chat
-from course_lib.inference import load_trained
+from course_lib.serving.loading import load_trained
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "07_chat_demo.ipynb"

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from course_lib import chat as chat_module
 from course_lib.chat import Chat, GenerationTimeout, interact
-from course_lib.inference import GenerationSettings, load_trained
+from course_lib.serving.loading import GenerationSettings, load_trained
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 
-from course_lib.collators import (
-    LengthGroupedSampler,
+from course_lib.data.collators import (
     PackedCollator,
     PaddedCollator,
     ReferenceCollator,
     attention_matrix,
     first_fit_decreasing,
 )
-from course_lib.data import LlavaDataset
+from course_lib.data.dataset import LlavaDataset
+from course_lib.data.sampler import LengthGroupedSampler
 
 
 @pytest.fixture(scope="module")

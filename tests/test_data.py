@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from course_lib.broken_data import EXPECTED, write_broken_set, write_exotic_images
-from course_lib.data import DataError, LlavaDataset, main
-from course_lib.images import expand2square, load_image, resolve_image_path, to_rgb
-from course_lib.records import to_sample
-from course_lib.templates import image_token_count
+from course_lib.data.__main__ import main
+from course_lib.data.dataset import DataError, LlavaDataset
+from course_lib.data.images import expand2square, load_image, resolve_image_path, to_rgb
+from course_lib.data.labels import image_token_count
+from course_lib.data.records import to_sample
+from course_lib.world.broken import EXPECTED, write_broken_set, write_exotic_images
 
 Q, A = "What color is the circle?", "red"
 
@@ -173,7 +174,7 @@ def test_pad_to_square_uses_the_mean_colour(tmp_path, processor):
 
 def test_skip_policy_counts_every_problem_and_keeps_good_samples(broken, processor, caplog):
     data, images = broken
-    with caplog.at_level(logging.WARNING, logger="course_lib.data"):
+    with caplog.at_level(logging.WARNING, logger="course_lib.data.dataset"):
         ds = LlavaDataset(data, processor, template="chat", model_max_length=128)
         seen = [ds[k]["id"] for k in range(len(ds))] + [ds[k]["id"] for k in range(len(ds))]  # two epochs
     expected = {"missing_image": 1, "bad_image": 2, "image_too_large": 1, "unsafe_image_path": 1, "empty_turn": 1,

@@ -8,9 +8,9 @@ import pytest
 
 from course_lib import eval as eval_module
 from course_lib.chat import Chat
+from course_lib.data.records import DataError
 from course_lib.eval import format_table, load_items, normalize_answer, score, to_item
-from course_lib.inference import load_image, load_trained
-from course_lib.records import DataError
+from course_lib.serving.loading import load_image, load_trained
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -47,7 +47,7 @@ def test_score_on_hand_made_predictions():
 
 
 def test_accuracy_by_objects_on_hand_made_predictions():
-    from course_lib.reporting import accuracy_by_objects
+    from course_lib.lessons.scoreboard import accuracy_by_objects
 
     records = [{"id": "a", "objects": [1]}, {"id": "b", "objects": [3]}, {"id": "c", "objects": [3]},
                {"id": "d", "objects": [1, 2]}, {"id": "e", "objects": []}]

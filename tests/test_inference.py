@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from course_lib.chat import Chat
-from course_lib.inference import (
+from course_lib.serving.loading import (
     ImageError,
     LoadError,
     adapter_base,

@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from course_lib.build import num_image_tokens, vision_config_of
-from course_lib.inspect_llava import (
+from course_lib.lessons.inspect_llava import (
     COURSE,
     chat_inputs,
     collapse_image_tokens,
@@ -16,13 +16,13 @@ from course_lib.inspect_llava import (
     greedy_answer,
     image_path,
     list_files,
-    markdown_table,
     max_logit_diff,
     projector_params,
     special_tokens,
     tiny_vs_real,
     world_summary,
 )
+from course_lib.util.tables import markdown_table
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from course_lib.projectors import PROJECTORS, make_projector, pixel_shuffle
+from course_lib.model.projectors import PROJECTORS, make_projector, pixel_shuffle
 
 EXPECTED_TOKENS = {"linear": 16, "mlp2x_gelu": 16, "mlp_ln": 16, "pixel_shuffle": 4, "qformer": 8}
 
@@ -56,10 +56,10 @@ def test_qformer_queries_read_the_image():
 def test_each_projector_trains_on_the_tiny_world(name, tiny_world):
     """Stage-1 style: only the projector trains, on 16 captions; its loss must fall by a third in 25 steps."""
     from course_lib.build import build_llava
-    from course_lib.collators import PaddedCollator
-    from course_lib.data import LlavaDataset
-    from course_lib.projectors import use_projector
-    from course_lib.train_types import prepare_model
+    from course_lib.data.collators import PaddedCollator
+    from course_lib.data.dataset import LlavaDataset
+    from course_lib.model.projectors import use_projector
+    from course_lib.training.trainable import prepare_model
 
     model, processor = build_llava(str(tiny_world.clip), str(tiny_world.llm))
     projector = use_projector(model, processor, name)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from course_lib import speed
+from course_lib.lessons import speed
 
 
 @pytest.mark.parametrize("name, lm_params", [("qwen2.5-0.5b", 494.0e6), ("qwen2.5-1.5b", 1543.7e6)])
@@ -30,7 +30,7 @@ def test_benchmark_pool_packs_almost_without_padding():
     steps = speed.packed_batches(items, geometry.row_tokens, rows_per_step=3, seed=0)
     assert sorted(i for s in steps for i in s) == list(range(len(items)))
     computed = real = 0
-    from course_lib.collators import PackedCollator
+    from course_lib.data.collators import PackedCollator
 
     for step in steps:
         batch = PackedCollator(10 ** 9, row_tokens=geometry.row_tokens)([items[i] for i in step])

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import CLIPImageProcessor, LlavaProcessor
 
-from course_lib.records import DataError, to_sample
-from course_lib.templates import IGNORE_INDEX, PromptEncoder, image_token_count, labelled_spans
+from course_lib.data.labels import IGNORE_INDEX, PromptEncoder, image_token_count, labelled_spans
+from course_lib.data.records import DataError, to_sample
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from course_lib.tiling import candidate_grids, choose_grid, tile_image, tiled_token_count
+from course_lib.data.tiling import candidate_grids, choose_grid, tile_image, tiled_token_count
 
 
 def test_candidate_grids():
@@ -47,8 +47,8 @@ def test_tiles_and_tokens():
 
 
 def test_placeholders_and_samples_expand_per_image():
-    from course_lib.records import Sample
-    from course_lib.tiling import expand_placeholders, tiled_sample
+    from course_lib.data.records import Sample
+    from course_lib.data.tiling import expand_placeholders, tiled_sample
 
     assert expand_placeholders("<image>\n<image>\nWhich?", [3, 1]) == "<image><image><image>\n<image>\nWhich?"
     with pytest.raises(ValueError, match="2 <image> placeholders for 1 images"):
@@ -67,7 +67,7 @@ def wide_data(tmp_path_factory):
     import json
     import random
 
-    from course_lib.shapes import questions, random_scene, render
+    from course_lib.world.scenes import questions, random_scene, render
 
     out = tmp_path_factory.mktemp("wide")
     (out / "images").mkdir()
@@ -89,9 +89,9 @@ def test_tiling_end_to_end_dataset_training_and_chat(tiny_world, empty_llava, wi
     """--image_tiling trains, is saved with the model, and chat tiles the image the same way."""
     from course_lib import train
     from course_lib.chat import Chat
-    from course_lib.data import LlavaDataset
-    from course_lib.inference import load_trained, prepare_inputs, user_message
-    from course_lib.templates import image_token_count
+    from course_lib.data.dataset import LlavaDataset
+    from course_lib.data.labels import image_token_count
+    from course_lib.serving.loading import load_trained, prepare_inputs, user_message
 
     folder, _, processor = empty_llava
     data = LlavaDataset(wide_data / "wide.json", processor, template="chat", image_tiling=4)

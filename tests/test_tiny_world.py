@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-from course_lib.chat_template import QWEN2_5_TEMPLATE
-from course_lib.shapes import WorldSpec, write_world
+from course_lib.model.chat_template import QWEN2_5_TEMPLATE
+from course_lib.world.scenes import WorldSpec, write_world
 
 
 def _digest(folder):
@@ -32,7 +32,7 @@ def test_world_knobs_change_the_cache_key_and_reach_the_models(tiny_world, tmp_p
     configs it is named after."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from course_lib.tiny_world import TinyWorldConfig, _init_sincos_positions, sincos_2d, train_llm
+    from course_lib.world.backbones import TinyWorldConfig, _init_sincos_positions, sincos_2d, train_llm
 
     default = TinyWorldConfig()
     knobs = {"vit_patch_size": 16, "vit_sincos_scale": 1.0, "lm_rope_theta": 1e4, "lm_steps": 1600}
@@ -85,7 +85,7 @@ def test_tokenizer_keeps_every_answer_word_whole(tiny_world):
     """A one-word answer starts the assistant turn (after a newline, no space): each must be one token
     there, as in Qwen's vocabulary, not rare pieces like c|ir|cle. The compare verdict ends its answer
     ("2 vs 1, so second"), after a space."""
-    from course_lib.shapes import COLORS, SHAPES, SIDES
+    from course_lib.world.scenes import COLORS, SHAPES, SIDES
 
     tok = AutoTokenizer.from_pretrained(tiny_world.llm)
     prompt = tok.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False, add_generation_prompt=True)
@@ -123,7 +123,7 @@ def test_tiny_clip_tokens_know_their_column_and_their_object(tiny_world):
 
     from transformers import CLIPVisionModel
 
-    from course_lib.shapes import SHAPES, random_scene, render
+    from course_lib.world.scenes import SHAPES, random_scene, render
 
     model = CLIPVisionModel.from_pretrained(tiny_world.clip).eval()
     proc = CLIPImageProcessor.from_pretrained(tiny_world.clip)
@@ -155,7 +155,7 @@ def test_described_chat_answers_from_the_description():
     """The LM's corpus asks about a scene told in words; every answer must follow from that text."""
     import random
 
-    from course_lib.shapes import described_chat
+    from course_lib.world.scenes import described_chat
 
     rng = random.Random(0)
     chats = [described_chat(rng) for _ in range(200)]
@@ -179,7 +179,7 @@ def test_tiny_lm_knows_text_only_facts_and_reads_descriptions(tiny_world):
 
     from transformers import Qwen2ForCausalLM
 
-    from course_lib.shapes import described_chat, text_only_qa
+    from course_lib.world.scenes import described_chat, text_only_qa
 
     rng = random.Random(123)
     qa = [text_only_qa(rng)[1:] for _ in range(48)] + [described_chat(rng, compare_fraction=0)[0] for _ in range(48)]

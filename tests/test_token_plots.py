@@ -5,9 +5,9 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from course_lib import plots
-from course_lib.data import LlavaDataset
-from course_lib.templates import image_token_count
+from course_lib.data.dataset import LlavaDataset
+from course_lib.data.labels import image_token_count
+from course_lib.lessons import plots
 
 
 @pytest.fixture(scope="module")

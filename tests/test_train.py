@@ -11,7 +11,7 @@ import torch
 from transformers import LlavaForConditionalGeneration, TrainerCallback
 
 from course_lib import train
-from course_lib.train_types import prepare_model
+from course_lib.training.trainable import prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,8 +140,8 @@ def test_packing_and_gradient_checkpointing_train_lora(stage1, small_data, tmp_p
 def test_partial_lora_changes_only_image_positions_and_reloads(stage1, small_data, tmp_path):
     """Partial LoRA: text-only logits stay the stage-1 model's; image prompts change; the output reloads."""
     from course_lib.build import num_image_tokens
-    from course_lib.inference import LoadError, load_trained
-    from course_lib.partial_lora import ATTR
+    from course_lib.model.partial_lora import ATTR
+    from course_lib.serving.loading import LoadError, load_trained
 
     base, _ = stage1
     out = tmp_path / "partial"

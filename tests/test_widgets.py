@@ -9,8 +9,8 @@ import pytest
 from test_inference import write_bad_images
 
 from course_lib.chat import Chat
-from course_lib.inference import load_image, load_trained
-from course_lib.widgets import ChatUI, chat_ui
+from course_lib.serving.loading import load_image, load_trained
+from course_lib.serving.widgets import ChatUI, chat_ui
 
 
 def upload_value(*files):

@@ -1,0 +1,20 @@
+"""`python -m course_lib.data validate --data X.json [--images DIR]`: the data commands."""
+
+from __future__ import annotations
+
+import sys
+
+from course_lib.data.validate import main as validate_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] != ["validate"]:
+        print("error: expected a command: python -m course_lib.data validate --data X.json [--images DIR]",
+              file=sys.stderr)
+        return 2
+    return validate_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Opening training images safely: confined paths, no decompression bombs, every mode to RGB.
+
+Real datasets hold RGBA screenshots, palette GIFs, CMYK JPEGs, 16-bit PNGs and the odd 1x1 pixel; all
+of them are valid and become 8-bit RGB here. What is refused, with a DataError naming the file:
+paths that leave the image folder, missing files, files PIL cannot decode (corrupt or truncated), and
+images with more pixels than `max_pixels` (a decompression bomb: a few KB on disk, GBs in memory).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from course_lib.data.records import DataError
+
+# PIL's own warning threshold (about 89.5 MP); PIL only *errors* at twice that. We refuse at it.
+MAX_IMAGE_PIXELS = 89_478_485
+WHITE = (255, 255, 255)
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def resolve_image_path(image_folder: str | Path, relpath: str) -> Path:
+    """`image_folder / relpath`, refusing any path that ends up outside the folder (`../`, absolute).
+
+    The folders on the way are resolved (so a symlinked folder cannot lead out either); the file itself
+    may be a symlink, because our data_scripts link images into place (`--link_mode symlink`).
+    """
+    if not isinstance(relpath, str) or not relpath or "\x00" in relpath:
+        raise DataError("unsafe_image_path", f"image path {relpath!r} is not a usable file name")
+    root = Path(image_folder).resolve()
+    candidate = Path(image_folder) / relpath  # an absolute relpath replaces the folder here
+    if candidate.name in ("", ".", ".."):
+        raise DataError("unsafe_image_path", f"image path {relpath!r} names a folder, not a file")
+    resolved = candidate.parent.resolve() / candidate.name
+    if not resolved.is_relative_to(root):
+        raise DataError("unsafe_image_path", f"image path {relpath!r} leaves the image folder {image_folder}")
+    return resolved
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open, fully decode and convert one image to RGB; every failure is a DataError with a reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > max_pixels:  # checked on the header, before decoding
+                    raise DataError("image_too_large", f"{path} is {img.width}x{img.height} pixels, over the "
+                                                       f"limit of {max_pixels} (possible decompression bomb)")
+                img.load()
+                return to_rgb(img)
+    except FileNotFoundError:
+        raise DataError("missing_image", f"image file {path} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError("image_too_large", f"{path} refused as a decompression bomb ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
+        raise DataError("bad_image", f"cannot decode {path}: corrupt or truncated ({err})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: transparency composited on white, 16-bit rescaled, the rest converted."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        # PIL's own I;16 -> RGB conversion clips at 255, turning most of a 16-bit image white;
+        # scale the 0..65535 range down to 0..255 instead.
+        values = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(values.astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*WHITE, 255)), rgba).convert("RGB")
+    return img.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square, centred, with `background` (the processor's mean colour) instead of cropping.
+
+    LLaVA-1.5's `image_aspect_ratio == "pad"` (haotian-liu/LLaVA, llava/train/train.py, expand2square
+    in LazySupervisedDataset.__getitem__): CLIP's centre crop would otherwise cut off wide images' sides.
+    """
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    result = Image.new(img.mode, (side, side), background)
+    result.paste(img, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def mean_colour(image_processor) -> tuple[int, int, int]:
+    """The image processor's `image_mean` as 0..255 RGB: padding with it normalises to zeros."""
+    return tuple(int(x * 255) for x in image_processor.image_mean)

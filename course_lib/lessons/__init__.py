@@ -1,0 +1,1 @@
+"""What only the notebooks use: plots, the model tour, design experiments, speed measurements."""

@@ -1,0 +1,1 @@
+"""Using a trained model: loading, generation, the chat session, the widget."""

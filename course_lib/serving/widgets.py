@@ -1,0 +1,239 @@
+"""An ipywidgets chat with image upload: pick a model, add images, ask, watch the answer stream in.
+
+    ui = chat_ui()   # every trained output under the course's runs folder, plus any `models=` passed in
+    ui               # displays in JupyterLab or Voila
+
+Uploads are checked before use: at most `max_upload_bytes` per file, decodable by Pillow, and at most
+`max_pixels` pixels (read from the header, so a decompression bomb is never decoded). A bad file gets
+a message in the chat; nothing raises into the notebook. Generation runs in the click handler and
+updates the answer widget token by token; ipykernel sends each update as it happens.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ipywidgets as w
+from PIL import Image
+
+from course_lib.chat import Chat
+from course_lib.serving.loading import MAX_IMAGE_PIXELS, ImageError, LoadedModel, find_models, load_image, load_trained
+
+MAX_UPLOAD_BYTES = 20 * 2**20  # 20 MiB: a large photo; the browser sends the whole file over the kernel's websocket
+THUMBNAIL_PX = 96
+ModelSource = str | Path | LoadedModel
+
+
+@dataclass
+class Entry:
+    """One item of the transcript: who said it, and either text or an image."""
+
+    role: str  # "user", "assistant" or "notice"
+    kind: str  # "text" or "image"
+    text: str = ""
+    png: bytes = b""  # thumbnails, for kind == "image"
+
+
+def _png(image: Image.Image, size: int = THUMBNAIL_PX) -> bytes:
+    thumb = image.copy()
+    thumb.thumbnail((size, size))
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _label(source: ModelSource) -> str:
+    return source.name if isinstance(source, LoadedModel) else str(source)
+
+
+def model_options(models: Mapping[str, ModelSource] | Sequence[ModelSource] | None,
+                  runs_dirs: Sequence[str | Path]) -> dict[str, ModelSource]:
+    """Picker entries, label -> model: the ones passed in first, then the other outputs found under `runs_dirs`."""
+    options = dict(models) if isinstance(models, Mapping) else {_label(m): m for m in models or ()}
+    known = {Path(m.path if isinstance(m, LoadedModel) else m).resolve() for m in options.values()}
+    for root in runs_dirs:
+        for folder in find_models(root):
+            if folder.resolve() not in known:
+                options.setdefault(str(folder), folder)
+    return options
+
+
+class ChatUI:
+    """The widgets and their handlers. Display `ui` (or `ui.widget`); tests drive the handlers directly."""
+
+    def __init__(self, models: Mapping[str, ModelSource] | Sequence[ModelSource] | None = None,
+                 runs_dir: str | Path | Sequence[str | Path] | None = None, *,
+                 loader: Callable[[str | Path], LoadedModel] = load_trained,
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_IMAGE_PIXELS):
+        if runs_dir is None:
+            from course_lib.training.launch import runs_dir as course_runs  # where the training notebooks write
+
+            runs_dir = course_runs()
+        runs_dirs = [runs_dir] if isinstance(runs_dir, str | Path) else list(runs_dir)
+        self.sources = model_options(models, runs_dirs)
+        self.loader, self.max_upload_bytes, self.max_pixels = loader, max_upload_bytes, max_pixels
+        self.entries: list[Entry] = []
+        self.pending: list[Image.Image] = []
+        self._chats = {label: Chat(src) for label, src in self.sources.items() if isinstance(src, LoadedModel)}
+
+        self.picker = w.Dropdown(options=list(self.sources), description="model",
+                                 layout=w.Layout(width="60%"))
+        self.status = w.HTML()
+        self.transcript = w.VBox(layout=w.Layout(border="1px solid #ccc", padding="6px", min_height="120px",
+                                                 max_height="480px", overflow="auto"))
+        self.thumbnails = w.HBox()
+        self.upload = w.FileUpload(accept="image/*", multiple=True, description="images")
+        self.message = w.Textarea(placeholder="Ask about the images, or anything", rows=2,
+                                  layout=w.Layout(width="50%"))
+        self.send = w.Button(description="Send", button_style="primary")
+        self.clear = w.Button(description="Clear")
+        wide_label = {"description_width": "initial"}
+        self.temperature = w.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.05, description="temperature",
+                                         tooltip="0 = greedy", style=wide_label)
+        self.max_new_tokens = w.IntSlider(value=64, min=1, max=512, description="max new tokens", style=wide_label)
+        self.widget = w.VBox([
+            w.HBox([self.picker, self.status]), self.transcript, self.thumbnails,
+            w.HBox([self.upload, self.message, self.send, self.clear]),
+            w.HBox([self.temperature, self.max_new_tokens]),
+        ])
+        for name in ("picker", "status", "transcript", "thumbnails", "upload", "message", "send", "clear"):
+            getattr(self, name).add_class(f"llava-{name}")  # stable CSS hooks for styling and browser tests
+        self.upload.observe(self._on_upload, names="value")
+        self.picker.observe(self._on_pick, names="value")
+        self.send.on_click(self._on_send)
+        self.clear.on_click(self._on_clear)
+        self._show_status()
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+    # --- transcript --------------------------------------------------------------------------------
+
+    def _add(self, entry: Entry) -> w.Widget:
+        self.entries.append(entry)
+        if entry.kind == "image":
+            view = w.Image(value=entry.png, format="png", width=THUMBNAIL_PX)
+        else:
+            view = w.HTML(self._html(entry))
+        self.transcript.children = (*self.transcript.children, view)
+        return view
+
+    @staticmethod
+    def _html(entry: Entry) -> str:
+        text = html.escape(entry.text).replace("\n", "<br>")
+        if entry.role == "notice":
+            return f'<div style="color:#b00">⚠ {text}</div>'
+        who = "You" if entry.role == "user" else "LLaVA"
+        return f"<div><b>{who}:</b> {text}</div>"
+
+    def notice(self, text: str) -> None:
+        """A message from the UI itself (a refused upload, a failed load), shown in the chat."""
+        self._add(Entry("notice", "text", text))
+
+    # --- handlers ----------------------------------------------------------------------------------
+
+    def _on_upload(self, change: dict) -> None:
+        files = change["new"]
+        if not files:
+            return  # our own reset below
+        for file in files:
+            name, content = file.get("name", "upload"), file.get("content", b"")
+            size = max(file.get("size", 0), len(content))
+            if size > self.max_upload_bytes:
+                self.notice(f"{name}: file too large ({size:,} bytes, the limit is {self.max_upload_bytes:,})")
+                continue
+            try:
+                image = load_image(bytes(content), name=name, max_pixels=self.max_pixels)
+            except ImageError as err:
+                self.notice(str(err))
+                continue
+            self.pending.append(image)
+            self.thumbnails.children = (*self.thumbnails.children,
+                                        w.Image(value=_png(image), format="png", width=THUMBNAIL_PX))
+        self.upload.value = ()  # so the same file can be chosen again
+
+    def _on_pick(self, change: dict) -> None:
+        self._on_clear()
+        self._show_status()
+
+    def _on_clear(self, button: w.Button | None = None) -> None:
+        """Start over: an empty transcript, no pending images, and the model's history forgotten."""
+        if self.picker.value in self._chats:
+            self._chats[self.picker.value].reset()
+        self.entries.clear()
+        self.pending.clear()
+        self.transcript.children = ()
+        self.thumbnails.children = ()
+        self.message.value = ""
+
+    def _show_status(self, extra: str = "") -> None:
+        label = self.picker.value
+        if label is None:
+            self.status.value = "<i>no model: train one into runs/ or pass models=...</i>"
+        elif label in self._chats:
+            loaded = self._chats[label].loaded
+            self.status.value = f"<i>{loaded.kind}, {loaded.device}, {loaded.dtype}</i>".replace("torch.", "")
+        else:
+            self.status.value = f"<i>{extra or 'loads on first message'}</i>"
+
+    def _chat(self) -> Chat | None:
+        label = self.picker.value
+        if label is None:
+            self.notice("no model to talk to: train one into runs/ or pass models=... to chat_ui")
+            return None
+        if label not in self._chats:
+            source = self.sources[label]
+            self._show_status("loading…")
+            try:
+                loaded = self.loader(source)
+            except Exception as err:  # a broken folder must not break the UI
+                self.notice(f"cannot load {label}: {err}")
+                self._show_status("load failed")
+                return None
+            self._chats[label] = Chat(loaded)
+            self._show_status()
+        return self._chats[label]
+
+    def settings(self) -> dict:
+        temperature = self.temperature.value
+        return {"max_new_tokens": self.max_new_tokens.value, "do_sample": temperature > 0,
+                "temperature": temperature if temperature > 0 else 1.0}
+
+    def _on_send(self, button: w.Button | None = None) -> None:
+        text = self.message.value.strip()
+        if not text:
+            self.notice("write a message first (images are sent along with it)")
+            return
+        chat = self._chat()
+        if chat is None:
+            return
+        images, self.pending = self.pending, []
+        self.thumbnails.children = ()
+        self.message.value = ""
+        for image in images:
+            self._add(Entry("user", "image", png=_png(image)))
+        self._add(Entry("user", "text", text))
+        answer = Entry("assistant", "text")
+        view = self._add(answer)
+        self.send.disabled = True
+        try:
+            for piece in chat.stream(text, images, **self.settings()):
+                answer.text += piece
+                view.value = self._html(answer)
+        except Exception as err:  # shown in the chat, the conversation stays usable
+            self.notice(f"generation failed: {type(err).__name__}: {err}")
+        finally:
+            self.send.disabled = False
+
+
+def chat_ui(models: Mapping[str, ModelSource] | Sequence[ModelSource] | None = None,
+            runs_dir: str | Path | Sequence[str | Path] | None = None, **kwargs) -> ChatUI:
+    """Build the chat UI: `models` (paths or loaded models) plus every trained output under `runs_dir`
+    (default: the course's runs folder, `launch.runs_dir()`)."""
+    return ChatUI(models, runs_dir, **kwargs)

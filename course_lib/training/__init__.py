@@ -1,0 +1,1 @@
+"""Training: arguments, run recipes, trainable parts, checkpoints, the launcher."""

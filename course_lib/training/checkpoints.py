@@ -1,0 +1,84 @@
+"""Checkpoints and outputs: the final model written all or nothing, and finding a complete checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from course_lib.model.lora import PROJECTOR
+from course_lib.model.partial_lora import ATTR as PARTIAL_LORA_ATTR
+from course_lib.model.partial_lora import save_partial_lora
+from course_lib.serving.loading import PREPROCESSING_FILE
+from course_lib.training.arguments import PROJECTOR_FILE, DataArguments, ModelArguments
+
+SUMMARY = "training_summary.json"  # written last: its presence marks a finished run
+
+
+def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest `checkpoint-N` whose trainer_state.json exists, or None.
+
+    transformers' `get_last_checkpoint` returns the newest `checkpoint-N` folder; the Trainer writes
+    trainer_state.json last, so when that file is missing the save was cut off (kill -9 mid-save) and the
+    newest complete one before it is the one to resume from.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    last = get_last_checkpoint(str(output_dir))
+    if last is None or (Path(last) / "trainer_state.json").is_file():
+        return last
+    complete = [p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def save_outputs(trainer, processor, margs: ModelArguments, dargs: DataArguments, out: Path) -> None:
+    """Write the final model atomically per file: staged in a hidden folder, then moved in place."""
+    from safetensors.torch import save_file
+
+    staging = out / ".final.partial"
+    base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    base.config.text_config.use_cache = True  # saved for inference
+    adapters = base._modules.pop(PARTIAL_LORA_ATTR, None)  # kept out of the standard checkpoint
+    try:
+        trainer.save_model(str(staging))  # all ranks: DeepSpeed may need to gather
+    finally:
+        if adapters is not None:
+            base.add_module(PARTIAL_LORA_ATTR, adapters)
+    if adapters is not None and trainer.is_world_process_zero():
+        save_partial_lora(base, staging)
+    if not trainer.is_world_process_zero():
+        return
+    processor.save_pretrained(staging)
+    # Inference must prepare images as training did (course_lib.serving.loading.read_preprocessing).
+    (staging / PREPROCESSING_FILE).write_text(json.dumps(
+        {"pad_to_square": dargs.pad_to_square, "image_tiling": dargs.image_tiling}, indent=1))
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the args are in training_summary.json
+    state = {k: v.detach().float().cpu().contiguous()
+             for k, v in base.model.multi_modal_projector.state_dict().items()}
+    if margs.stage == "pretrain" or margs.train_type != "use_lora":
+        save_file(state, str(staging / PROJECTOR_FILE), metadata={"format": "pt", "module": PROJECTOR})
+    for f in staging.iterdir():
+        os.replace(f, out / f.name)
+    shutil.rmtree(staging)
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        "=" * 64,
+        f" {summary['stage']} finished" + (f" ({summary['train_type']})" if summary.get("train_type") else ""),
+        "=" * 64,
+        f" steps            {summary['steps']}  (epochs {summary['epochs']:.2f})",
+        f" samples          {summary['samples']}  (skipped/dropped: {summary['skipped'] or 'none'})",
+        f" tokens seen      {summary['tokens']:,}",
+        f" time             {summary['seconds']:.1f} s",
+        f" final loss       {summary['final_loss']:.4f}" if summary["final_loss"] is not None else " final loss  -",
+        f" model            {summary['output_dir']}",
+        f" loss curve       {summary['loss_curve']}",
+        "=" * 64,
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""The Trainer, taught LLaVA's habits: the projector's own learning rate, length grouping from lengths
+known up front (with LLaVA's modality grouping), and a resume that really loads the weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from course_lib.model.partial_lora import ATTR as PARTIAL_LORA_ATTR
+from course_lib.training.arguments import ModelArguments, attn_implementation
+from course_lib.training.trainable import optimizer_groups
+
+
+def load_for_training(margs: ModelArguments, dtype: torch.dtype):
+    """The model and processor to train, with the stage-1 projector loaded when one is given."""
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if margs.model_name_or_path == "tiny":
+        from course_lib.build import build_llava
+
+        model, processor = build_llava("tiny", "tiny")
+        model.to(dtype)
+    else:
+        path = os.path.abspath(margs.model_name_or_path)  # absolute, so a LoRA adapter finds its base
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation(margs.attn_implementation))
+        processor = AutoProcessor.from_pretrained(path)
+    if margs.pretrain_projector:
+        state = load_file(margs.pretrain_projector)
+        model.model.multi_modal_projector.load_state_dict(state, strict=True)
+    return model, processor
+
+
+def make_trainer(model, targs, dataset, collator, projector_lr: float | None, callbacks: list | None,
+                 group_by_modality: bool = False):
+    from transformers import Trainer
+
+    class LlavaTrainer(Trainer):
+        """Trainer with LLaVA's projector learning rate and length grouping from precomputed lengths."""
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+                kwargs.pop("lr", None)
+                groups = optimizer_groups(self.model, self.args.learning_rate, projector_lr, self.args.weight_decay)
+                self.optimizer = cls(groups, lr=self.args.learning_rate, **kwargs)
+            return self.optimizer
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # transformers 5 saves Llava checkpoints under the legacy key names (`language_model.model.*`)
+            # but the Trainer's resume loads them non-strictly under the new ones: nothing matches and
+            # the run silently continues from the old weights. from_pretrained applies the key mapping.
+            model = model or self.model
+            if hasattr(model, "peft_config") or self.is_deepspeed_enabled:
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+            state = loaded.state_dict()
+            if hasattr(model, PARTIAL_LORA_ATTR):  # the checkpoint holds the adapters under their own names
+                from safetensors.torch import load_file
+
+                for f in Path(resume_from_checkpoint).glob("*.safetensors"):
+                    state.update({k: v for k, v in load_file(f).items() if k.startswith(PARTIAL_LORA_ATTR + ".")})
+            model.load_state_dict(state, strict=True)
+
+        def _get_train_sampler(self, *args, **kwargs):
+            # Lengths are known without opening images, so ours replaces transformers' LengthGroupedSampler,
+            # which would measure them; ours also has LLaVA's modality grouping (`--group_by_modality_length`).
+            # The batch is the global one: each step's ranks then get samples of similar length.
+            if group_by_modality or self.args.train_sampling_strategy == "group_by_length":
+                from course_lib.data.sampler import LengthGroupedSampler
+
+                lengths = dataset.modality_lengths if group_by_modality else dataset.lengths
+                return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size * self.args.world_size,
+                                            seed=self.args.seed, group_by_modality=group_by_modality)
+            return super()._get_train_sampler(*args, **kwargs)
+
+    return LlavaTrainer(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+
+

@@ -1,0 +1,1 @@
+"""Small helpers every room uses: atomic files, quiet transformers, text and Markdown tables."""
