@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    train the tiny world end to end (the main job)
 #   make test   lint + the whole test suite, notebooks included
+#   make test-fast  lint + the unit tests only: no notebooks, browser, launcher or long training tests
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench notebooks clean-outputs
+.PHONY: install run test test-fast lint bench notebooks clean-outputs
 
 # torch is installed first and pinned: on CPU machines 2.13.0 resolves to the CPU build, and nothing
 # installed after it may pull the multi-GB CUDA build. GPU users use environment.yml instead.
@@ -27,6 +28,10 @@ lint: $(STAMP)
 
 test: lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests notebooks --nbmake --nbmake-timeout=3600
+
+# The quick lane for development: deselects the slow markers registered in pyproject.toml.
+test-fast: lint
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests -m "not notebook and not browser and not launcher and not training"
 
 # Speed, padded vs packed, side by side (not part of `make test`); figures and results.json in benchmarks/out.
 bench: $(STAMP)

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from course_lib.data.image_tokens import num_image_tokens
+from course_lib.data.records import IMAGE_TOKEN
 from course_lib.model.chat_template import LLAVA_QWEN_TEMPLATE
 from course_lib.util.quiet import quiet_transformers
 
-IMAGE_TOKEN = "<image>"
 SUPPORTED_LLMS = ("qwen2",)
 
 
@@ -79,11 +80,6 @@ def llm_config_of(name: str):
         raise BuildError(f"--llm {name}: expected a Qwen2/Qwen2.5 causal LM (model_type 'qwen2'), "
                          f"got model_type '{config.model_type}'")
     return config
-
-
-def num_image_tokens(vision_config) -> int:
-    """Patch tokens per image once the CLS token is dropped: 576 for CLIP-L/336 (24 x 24)."""
-    return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
 def _copy_weights(dst: nn.Module, src: nn.Module) -> None:

@@ -23,17 +23,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from course_lib.serving.loading import (
-    GenerationSettings,
-    ImageError,
-    LoadedModel,
-    LoadError,
-    assistant_message,
-    load_image,
-    load_trained,
-    prepare_inputs,
-    user_message,
-)
+from course_lib.data.images import ImageError, load_image
+from course_lib.serving.generation import GenerationSettings, assistant_message, prepare_inputs, user_message
+from course_lib.serving.loading import LoadedModel, LoadError, load_trained
 
 DEFAULT_TIMEOUT_S = 120.0  # per token; the first one also waits for the prompt's forward pass
 

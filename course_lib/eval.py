@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from course_lib.data.images import load_image, resolve_image_path
 from course_lib.data.records import DataError, locate_data, read_records, record_id, to_sample
-from course_lib.serving.loading import GenerationSettings, LoadedModel, LoadError, generate_replies, load_trained
+from course_lib.serving.generation import GenerationSettings, generate_replies
+from course_lib.serving.loading import LoadedModel, LoadError, load_trained
 
 ARTICLES = {"a", "an", "the"}
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(

@@ -21,6 +21,8 @@ from course_lib.serving.loading import load_trained
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "07_chat_demo.ipynb"
+
+pytestmark = pytest.mark.browser
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1600")
 

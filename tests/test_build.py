@@ -18,7 +18,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from course_lib.build import BuildError, build_llava, num_image_tokens
+from course_lib.build import BuildError, build_llava
+from course_lib.data.image_tokens import num_image_tokens
 
 
 def _prompt_ids(tokenizer, text="What is 3 plus 4?"):

@@ -15,18 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from course_lib import chat as chat_module
 from course_lib.chat import Chat, GenerationTimeout, interact
-from course_lib.serving.loading import GenerationSettings, load_trained
+from course_lib.serving.generation import GenerationSettings
 
 
 @pytest.fixture(scope="module")
-def loaded(empty_llava):
-    return load_trained(empty_llava[0], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def images(tiny_world):
-    paths = sorted((tiny_world.data / "eval" / "images").glob("*.png"))[:3]
-    return paths, [Image.open(p).convert("RGB") for p in paths]
+def images(eval_pngs):
+    return eval_pngs, [Image.open(p).convert("RGB") for p in eval_pngs]
 
 
 def test_text_only_answers_are_the_source_llms(tiny_world, loaded):

@@ -13,17 +13,12 @@ from PIL import Image
 
 from course_lib.data.__main__ import main
 from course_lib.data.dataset import DataError, LlavaDataset
+from course_lib.data.image_tokens import image_token_count
 from course_lib.data.images import expand2square, load_image, resolve_image_path, to_rgb
-from course_lib.data.labels import image_token_count
 from course_lib.data.records import to_sample
 from course_lib.world.broken import EXPECTED, write_broken_set, write_exotic_images
 
 Q, A = "What color is the circle?", "red"
-
-
-@pytest.fixture(scope="module")
-def processor(empty_llava):
-    return empty_llava[2]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +130,7 @@ def test_paths_cannot_leave_the_image_folder(tmp_path):
     save(root / "sub" / "a.png")
     save(tmp_path / "secret.png")
     os.symlink(tmp_path, root / "escape_dir")
-    os.symlink(root / "sub" / "a.png", root / "linked.png")  # data_scripts' --link_mode symlink
+    os.symlink(root / "sub" / "a.png", root / "linked.png")  # course_lib.prepare's --link_mode symlink
     assert resolve_image_path(root, "sub/a.png") == (root / "sub" / "a.png").resolve()
     assert resolve_image_path(root, str(root / "sub" / "a.png")) == (root / "sub" / "a.png").resolve()
     assert resolve_image_path(root, "linked.png").name == "linked.png"

@@ -8,9 +8,10 @@ import pytest
 
 from course_lib import eval as eval_module
 from course_lib.chat import Chat
+from course_lib.data.images import load_image
 from course_lib.data.records import DataError
 from course_lib.eval import format_table, load_items, normalize_answer, score, to_item
-from course_lib.serving.loading import load_image, load_trained
+from course_lib.serving.loading import load_trained
 
 
 @pytest.mark.parametrize("text,expected", [

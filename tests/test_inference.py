@@ -11,18 +11,16 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from course_lib.chat import Chat
+from course_lib.data.images import ImageError, load_image
+from course_lib.serving.generation import prepare_inputs, user_message
 from course_lib.serving.loading import (
-    ImageError,
     LoadError,
     adapter_base,
     checkpoint_kind,
     find_models,
-    load_image,
     load_trained,
     pick_device,
     pick_dtype,
-    prepare_inputs,
-    user_message,
 )
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -91,8 +89,8 @@ def trained(empty_llava, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def image_prompt(tiny_world):
-    images = [Image.open(p).convert("RGB") for p in sorted((tiny_world.data / "eval" / "images").glob("*.png"))[:2]]
+def image_prompt(eval_pngs):
+    images = [Image.open(p).convert("RGB") for p in eval_pngs[:2]]
     return [user_message("Which image has more circles?", 2)], images
 
 

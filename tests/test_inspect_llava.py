@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from course_lib.build import num_image_tokens, vision_config_of
+from course_lib.build import vision_config_of
+from course_lib.data.image_tokens import num_image_tokens
 from course_lib.lessons.inspect_llava import (
     COURSE,
     chat_inputs,

@@ -52,6 +52,7 @@ def test_qformer_queries_read_the_image():
     assert torch.allclose(projector(torch.cat([a, b]))[1], projector(b)[0], atol=1e-5)  # ...of its own row only
 
 
+@pytest.mark.training  # 25 optimizer steps per projector: 30-75 s each on 2 CPU cores
 @pytest.mark.parametrize("name", sorted(PROJECTORS))
 def test_each_projector_trains_on_the_tiny_world(name, tiny_world):
     """Stage-1 style: only the projector trains, on 16 captions; its loss must fall by a third in 25 steps."""

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from course_lib.data.image_tokens import num_image_tokens
 from course_lib.lessons import speed
 
 
@@ -17,7 +18,7 @@ def test_real_geometries_have_the_published_sizes(name, lm_params):
     vision = sum(p.numel() for p in model.model.vision_tower.parameters())
     assert abs(lm - lm_params) / lm_params < 0.002, lm
     assert abs(vision - 303.2e6) / 303.2e6 < 0.005, vision
-    assert speed.image_tokens(speed.GEOMETRIES[name]) == 576
+    assert num_image_tokens(speed.GEOMETRIES[name].vision) == 576
 
 
 def test_benchmark_pool_packs_almost_without_padding():
@@ -38,7 +39,8 @@ def test_benchmark_pool_packs_almost_without_padding():
         real += sum(lengths[i] for i in step)
         assert batch["input_ids"].shape[0] <= 3
         images = sum(0 if items[i].get("pixel_values") is None else len(items[i]["pixel_values"]) for i in step)
-        assert (batch["input_ids"] == geometry.text["vocab_size"] - 1).sum() == images * speed.image_tokens(geometry)
+        image_id = geometry.text["vocab_size"] - 1
+        assert (batch["input_ids"] == image_id).sum() == images * num_image_tokens(geometry.vision)
     assert real / computed >= 0.95
     # The reference batches of the same pool are mostly padding.
     ref = speed.reference_batches(items, 8, seed=0)

@@ -11,13 +11,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import CLIPImageProcessor, LlavaProcessor
 
-from course_lib.data.labels import IGNORE_INDEX, PromptEncoder, image_token_count, labelled_spans
+from course_lib.data.image_tokens import image_token_count
+from course_lib.data.labels import IGNORE_INDEX, PromptEncoder, labelled_spans
 from course_lib.data.records import DataError, to_sample
-
-
-@pytest.fixture(scope="module")
-def processor(empty_llava):
-    return empty_llava[2]
 
 
 @pytest.fixture(scope="module")

@@ -85,13 +85,15 @@ def wide_data(tmp_path_factory):
     return out
 
 
+@pytest.mark.training  # two train.run stages
 def test_tiling_end_to_end_dataset_training_and_chat(tiny_world, empty_llava, wide_data, tmp_path):
     """--image_tiling trains, is saved with the model, and chat tiles the image the same way."""
     from course_lib import train
     from course_lib.chat import Chat
     from course_lib.data.dataset import LlavaDataset
-    from course_lib.data.labels import image_token_count
-    from course_lib.serving.loading import load_trained, prepare_inputs, user_message
+    from course_lib.data.image_tokens import image_token_count
+    from course_lib.serving.generation import prepare_inputs, user_message
+    from course_lib.serving.loading import load_trained
 
     folder, _, processor = empty_llava
     data = LlavaDataset(wide_data / "wide.json", processor, template="chat", image_tiling=4)

@@ -63,6 +63,7 @@ def test_lora_targets_only_the_language_model(empty_llava):
     assert any("multi_modal_projector" in n and "modules_to_save" in n for n in trained)
 
 
+@pytest.mark.training
 def test_stage1_trains_only_the_projector_and_saves_a_complete_llava(empty_llava, stage1):
     folder, _, _ = empty_llava
     out, summary = stage1
@@ -80,6 +81,7 @@ def test_stage1_trains_only_the_projector_and_saves_a_complete_llava(empty_llava
     assert torch.equal(alone["linear_1.weight"], after["model.multi_modal_projector.linear_1.weight"])
 
 
+@pytest.mark.training
 @pytest.mark.parametrize("train_type,trained,frozen", [
     ("freeze_vision", ("multi_modal_projector", "language_model", "lm_head"), ("vision_tower",)),
     ("none", ("multi_modal_projector", "language_model", "lm_head", "vision_tower"), ()),
@@ -106,6 +108,7 @@ def test_stage2_train_types_change_exactly_their_modules(stage1, small_data, tmp
         assert any(not torch.equal(v, after[k]) for k, v in _parts(before, part).items()), f"{part} unchanged"
 
 
+@pytest.mark.training
 def test_merged_lora_gives_the_same_logits_as_base_plus_adapter(stage1, small_data, tmp_path):
     from peft import PeftModel
 
@@ -123,6 +126,7 @@ def test_merged_lora_gives_the_same_logits_as_base_plus_adapter(stage1, small_da
         assert torch.allclose(merged(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5)
 
 
+@pytest.mark.training
 def test_packing_and_gradient_checkpointing_train_lora(stage1, small_data, tmp_path):
     """The speed switches on a LoRA run: packed padding-free batches and checkpointed layers still train."""
     base, _ = stage1
@@ -137,9 +141,10 @@ def test_packing_and_gradient_checkpointing_train_lora(stage1, small_data, tmp_p
     assert any(v.abs().max() > 0 for v in lora_b)  # LoRA B starts at zero: it moved, so gradients flowed
 
 
+@pytest.mark.training
 def test_partial_lora_changes_only_image_positions_and_reloads(stage1, small_data, tmp_path):
     """Partial LoRA: text-only logits stay the stage-1 model's; image prompts change; the output reloads."""
-    from course_lib.build import num_image_tokens
+    from course_lib.data.image_tokens import num_image_tokens
     from course_lib.model.partial_lora import ATTR
     from course_lib.serving.loading import LoadError, load_trained
 
@@ -184,6 +189,7 @@ class _Kill(TrainerCallback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.training
 @pytest.mark.parametrize("train_type", ["freeze_vision", "use_lora", "partial_lora"])
 def test_kill_and_resume_matches_an_uninterrupted_run(stage1, small_data, tmp_path, train_type):
     base, _ = stage1
@@ -233,9 +239,14 @@ LLAVA_ZERO2 = {"fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window":
                                      "sub_group_size": 1e9, "reduce_bucket_size": "auto"}}
 
 
+@pytest.mark.launcher
 def test_run_zero2_two_cpu_ranks_saves_a_loadable_model(empty_llava, small_data, tmp_path):
     """The real launcher: DeepSpeed ZeRO-2, 2 CPU ranks, LLaVA's own zero2.json and a GPU-style command
-    line (--bf16 true), then the output loads with from_pretrained."""
+    line (--bf16 true). Checked on what it saved: a LLaVA that loads with from_pretrained, whose stage-1
+    projector trained and whose frozen towers are bit for bit the input's, and a summary of 3 steps over
+    2 ranks."""
+    from safetensors.torch import load_file
+
     folder, _, _ = empty_llava
     (tmp_path / "zero2.json").write_text(json.dumps(LLAVA_ZERO2))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_PROCS": "2"}
@@ -244,12 +255,27 @@ def test_run_zero2_two_cpu_ranks_saves_a_loadable_model(empty_llava, small_data,
            "--deepspeed", str(tmp_path / "zero2.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "world_size=2" in proc.stdout + proc.stderr or "num_local_procs=2" in proc.stdout + proc.stderr
-    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ds")
-    summary = json.loads((tmp_path / "ds" / "training_summary.json").read_text())
-    assert summary["steps"] == 3 and model.config.model_type == "llava"
+    out = tmp_path / "ds"
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    assert model.config.model_type == "llava"
+    before = LlavaForConditionalGeneration.from_pretrained(folder).state_dict()
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for part in ("vision_tower", "language_model", "lm_head"):  # frozen in stage 1: bit-identical
+        for k, v in _parts(before, part).items():
+            assert torch.equal(v.to(after[k].dtype), after[k]), k
+    projector = _parts(before, "multi_modal_projector")
+    assert projector and all(not torch.equal(v.to(after[k].dtype), after[k]) for k, v in projector.items())
+    alone = load_file(out / "projector.safetensors")  # the stage-1 projector file is the saved model's
+    assert torch.equal(alone["linear_1.weight"], after["model.multi_modal_projector.linear_1.weight"].float())
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["stage"] == "pretrain" and summary["steps"] == 3, summary
+    assert [step for step, _ in summary["losses"]] == [1, 2, 3], summary["losses"]
+    # 48 samples, 4 per rank per step: an epoch is 6 steps on 2 ranks (12 on one), so 3 steps are half of it.
+    assert summary["samples"] == 48 and summary["epochs"] == 0.5, summary
 
 
+@pytest.mark.launcher
 def test_run_zero2_bad_flag_is_one_line(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(REPO / "run_zero2.sh"), "--train_type", "nope", "--output_dir",

@@ -9,7 +9,7 @@ import pytest
 from test_inference import write_bad_images
 
 from course_lib.chat import Chat
-from course_lib.serving.loading import load_image, load_trained
+from course_lib.data.images import load_image
 from course_lib.serving.widgets import ChatUI, chat_ui
 
 
@@ -18,16 +18,6 @@ def upload_value(*files):
     now = datetime.datetime.now(datetime.timezone.utc)
     return tuple({"name": name, "type": "image/png", "size": len(data), "content": memoryview(data),
                   "last_modified": now} for name, data in files)
-
-
-@pytest.fixture(scope="module")
-def loaded(empty_llava):
-    return load_trained(empty_llava[0], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def pngs(tiny_world):
-    return sorted((tiny_world.data / "eval" / "images").glob("*.png"))[:3]
 
 
 @pytest.fixture
@@ -46,14 +36,14 @@ def _items(ui):
     return [(e.role, e.kind, e.text) for e in ui.entries]
 
 
-def test_upload_then_send_streams_an_answer_after_the_images(ui, loaded, pngs):
-    ui.upload.value = upload_value(*((p.name, p.read_bytes()) for p in pngs[:2]))
+def test_upload_then_send_streams_an_answer_after_the_images(ui, loaded, eval_pngs):
+    ui.upload.value = upload_value(*((p.name, p.read_bytes()) for p in eval_pngs[:2]))
     assert len(ui.pending) == 2 and len(ui.thumbnails.children) == 2 and ui.upload.value == ()
     ui.max_new_tokens.value = 12
     ui.message.value = "Which image has more circles?"
     ui.send.click()
     reference = Chat(loaded)
-    expected = reference.ask("Which image has more circles?", [load_image(p) for p in pngs[:2]], max_new_tokens=12)
+    expected = reference.ask("Which image has more circles?", [load_image(p) for p in eval_pngs[:2]], max_new_tokens=12)
     assert _items(ui) == [("user", "image", ""), ("user", "image", ""),
                           ("user", "text", "Which image has more circles?"), ("assistant", "text", expected)]
     kinds = [type(child) for child in ui.transcript.children]
@@ -61,8 +51,8 @@ def test_upload_then_send_streams_an_answer_after_the_images(ui, loaded, pngs):
     assert kinds == [w.Image, w.Image, w.HTML, w.HTML] and shown in ui.transcript.children[-1].value
     assert ui.pending == [] and ui.thumbnails.children == () and ui.message.value == ""
 
-    _say(ui, "And this one?", pngs[2:])  # the second turn continues the same conversation
-    second = reference.ask("And this one?", [load_image(pngs[2])], max_new_tokens=12)
+    _say(ui, "And this one?", eval_pngs[2:])  # the second turn continues the same conversation
+    second = reference.ask("And this one?", [load_image(eval_pngs[2])], max_new_tokens=12)
     assert _items(ui)[4:] == [("user", "image", ""), ("user", "text", "And this one?"), ("assistant", "text", second)]
     assert "<b>LLaVA:</b>" in ui.transcript.children[-1].value and not ui.send.disabled
 
@@ -84,11 +74,11 @@ def test_the_answer_is_updated_while_it_streams(ui, loaded):
     assert all(len(a) <= len(b) for a, b in zip(values, values[1:], strict=False))
 
 
-def test_bad_uploads_become_messages_in_the_chat(loaded, pngs, tmp_path):
+def test_bad_uploads_become_messages_in_the_chat(loaded, eval_pngs, tmp_path):
     ui = chat_ui(models={"empty": loaded}, runs_dir=tmp_path / "runs", max_upload_bytes=10_000)
-    bad = write_bad_images(tmp_path / "bad", pngs[0])
+    bad = write_bad_images(tmp_path / "bad", eval_pngs[0])
     files = [(p.name, p.read_bytes()) for p in bad if p.exists()]
-    files += [("big.png", b"\x89PNG" + bytes(20_000)), ("ok.png", pngs[0].read_bytes())]
+    files += [("big.png", b"\x89PNG" + bytes(20_000)), ("ok.png", eval_pngs[0].read_bytes())]
     ui.upload.value = upload_value(*files)
     notices = [e.text for e in ui.entries if e.role == "notice"]
     assert notices == ["notes.txt: not an image Pillow can read (expected PNG, JPEG, WebP, ...)",
@@ -101,10 +91,10 @@ def test_bad_uploads_become_messages_in_the_chat(loaded, pngs, tmp_path):
     assert ui.entries[-1].role == "assistant" and ui.entries[-1].text
 
 
-def test_clear_forgets_the_conversation(ui, loaded, pngs):
+def test_clear_forgets_the_conversation(ui, loaded, eval_pngs):
     ui.max_new_tokens.value = 8
-    _say(ui, "How many circles are there?", pngs[:1])
-    ui.upload.value = upload_value((pngs[1].name, pngs[1].read_bytes()))
+    _say(ui, "How many circles are there?", eval_pngs[:1])
+    ui.upload.value = upload_value((eval_pngs[1].name, eval_pngs[1].read_bytes()))
     ui.clear.click()
     assert ui.entries == [] and ui.transcript.children == () and ui.pending == [] and ui.thumbnails.children == ()
     _say(ui, "Hi")

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from course_lib.data.image_tokens import image_size
 from course_lib.data.images import MAX_IMAGE_PIXELS, load_image, resolve_image_path
-from course_lib.data.labels import Encoded, PromptEncoder, image_size
+from course_lib.data.labels import Encoded, PromptEncoder
 from course_lib.data.records import DataError, Sample, locate_data, read_records, record_id, to_sample
 from course_lib.data.tiling import prepare_images, tile_count, tiled_sample
 

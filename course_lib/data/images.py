@@ -1,18 +1,21 @@
-"""Opening training images safely: confined paths, no decompression bombs, every mode to RGB.
+"""Opening images safely: confined paths, no decompression bombs, every mode to RGB.
 
 Real datasets hold RGBA screenshots, palette GIFs, CMYK JPEGs, 16-bit PNGs and the odd 1x1 pixel; all
-of them are valid and become 8-bit RGB here. What is refused, with a DataError naming the file:
-paths that leave the image folder, missing files, files PIL cannot decode (corrupt or truncated), and
-images with more pixels than `max_pixels` (a decompression bomb: a few KB on disk, GBs in memory).
+of them are valid and become 8-bit RGB here. What is refused, with an ImageError (a DataError) naming the
+file: paths that leave the image folder, missing files and non-files, files PIL cannot decode (corrupt or
+truncated), and images with more pixels than `max_pixels` (a decompression bomb). Training, eval, the chat
+and the widget all open images through `load_image`, so they see the same pixels.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from course_lib.data.records import DataError
 
@@ -26,7 +29,7 @@ def resolve_image_path(image_folder: str | Path, relpath: str) -> Path:
     """`image_folder / relpath`, refusing any path that ends up outside the folder (`../`, absolute).
 
     The folders on the way are resolved (so a symlinked folder cannot lead out either); the file itself
-    may be a symlink, because our data_scripts link images into place (`--link_mode symlink`).
+    may be a symlink, because course_lib.prepare links images into place (`--link_mode symlink`).
     """
     if not isinstance(relpath, str) or not relpath or "\x00" in relpath:
         raise DataError("unsafe_image_path", f"image path {relpath!r} is not a usable file name")
@@ -40,23 +43,50 @@ def resolve_image_path(image_folder: str | Path, relpath: str) -> Path:
     return resolved
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open, fully decode and convert one image to RGB; every failure is a DataError with a reason."""
+class ImageError(DataError):
+    """An image that cannot be used, in one line naming the file: `reason` is missing_image, not_a_file,
+    bad_image or image_too_large (the keys `LlavaDataset.stats` counts)."""
+
+
+def load_image(source: str | Path | bytes | Image.Image, name: str | None = None,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The one image loader, for training, eval, chat and uploads: an upright 8-bit RGB image.
+
+    `source` is a path, raw bytes (an upload) or a PIL image. Refused with an ImageError: a missing path,
+    anything that is not a regular file (a named pipe would block `open` forever), files Pillow cannot
+    decode (corrupt or truncated), and images over `max_pixels` (a decompression bomb: a few KB on disk,
+    GBs in memory), checked on the header before any pixel is decoded. EXIF orientation is applied, as
+    phones store portrait photos as rotated landscape pixels plus an orientation tag.
+    """
+    if isinstance(source, Image.Image):
+        name, image = name or "image", source
+    else:
+        name = name or (str(source) if isinstance(source, str | Path) else "uploaded image")
+        if isinstance(source, str | Path):
+            if not os.path.lexists(source):
+                raise ImageError("missing_image", f"{name}: no such file")
+            if not os.path.isfile(source):
+                raise ImageError("not_a_file", f"{name}: not a regular file")
+        try:
+            with warnings.catch_warnings():  # Pillow warns from 89 MP on; the size is checked below instead
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except Image.DecompressionBombError:
+            raise ImageError("image_too_large", f"{name}: too large: refused by Pillow as a decompression bomb "
+                                                f"(the limit is {max_pixels:,} pixels)") from None
+        except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError is an OSError
+            raise ImageError("bad_image", f"{name}: not an image Pillow can read (expected PNG, JPEG, WebP, ...)"
+                             ) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError("image_too_large", f"{name}: too large: {width}x{height} = {width * height:,} pixels, "
+                                            f"over the limit of {max_pixels:,} (a possible decompression bomb)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > max_pixels:  # checked on the header, before decoding
-                    raise DataError("image_too_large", f"{path} is {img.width}x{img.height} pixels, over the "
-                                                       f"limit of {max_pixels} (possible decompression bomb)")
-                img.load()
-                return to_rgb(img)
-    except FileNotFoundError:
-        raise DataError("missing_image", f"image file {path} does not exist") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError("image_too_large", f"{path} refused as a decompression bomb ({err})") from None
-    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
-        raise DataError("bad_image", f"cannot decode {path}: corrupt or truncated ({err})") from None
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+    except Exception as err:  # truncated data surfaces as OSError, SyntaxError, ValueError, ...
+        raise ImageError("bad_image", f"{name}: corrupt or truncated image ({type(err).__name__})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

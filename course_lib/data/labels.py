@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from course_lib.data.image_tokens import expand_image_tokens, image_token_count
 from course_lib.data.records import IMAGE_TOKEN, DataError, Sample
 
 IGNORE_INDEX = -100  # what HF's cross-entropy skips
@@ -40,40 +41,6 @@ class Encoded:
     n_images: int  # images whose tokens are in input_ids (all of them unless truncated)
     expected: tuple[str, ...]  # the text each labelled span must decode to
     truncated: bool = False
-
-
-def _height_width(size) -> tuple[int, int] | None:
-    if isinstance(size, int):
-        return size, size
-    height, width = (size.get("height"), size.get("width")) if size is not None else (None, None)
-    return (height, width) if height and width else None
-
-
-def image_size(processor) -> tuple[int, int]:
-    """(height, width) of the images the processor outputs: its crop size, or its fixed resize size."""
-    image_processor = processor.image_processor
-    cropped = getattr(image_processor, "do_center_crop", False)
-    hw = _height_width(image_processor.crop_size if cropped else image_processor.size)
-    if hw is None:
-        raise DataError("processor", "the image processor has no fixed output size (crop_size, or size with height "
-                                     "and width), so the number of tokens per image would vary")
-    return hw
-
-
-def image_token_count(processor) -> int:
-    """Tokens one `<image>` becomes, from the processor's config: 4 for the tiny world, 576 for CLIP-L/336.
-
-    Mirrors `LlavaProcessor.replace_image_token`: (H / patch) * (W / patch) patches, plus CLS (as
-    `num_additional_image_tokens`), minus CLS again when `vision_feature_select_strategy == "default"`.
-    """
-    fixed = getattr(processor, "image_seq_length", None)
-    if fixed:
-        return int(fixed)
-    if not processor.patch_size:
-        raise DataError("processor", "the processor has no patch_size, so the tokens per image are unknown")
-    height, width = image_size(processor)
-    n = (height // processor.patch_size) * (width // processor.patch_size) + processor.num_additional_image_tokens
-    return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
 
 class PromptEncoder:
@@ -94,13 +61,7 @@ class PromptEncoder:
 
     def tokens(self, text: str) -> list[int]:
         """Token ids of `text`, each `<image>` expanded to `tokens_per_image` image tokens."""
-        ids: list[int] = []
-        for k, piece in enumerate(text.split(IMAGE_TOKEN)):
-            if k:
-                ids += [self.image_token_id] * self.tokens_per_image
-            if piece:
-                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-        return ids
+        return expand_image_tokens(text, self.tokenizer, self.image_token_id, self.tokens_per_image)
 
     def encode(self, sample: Sample) -> Encoded:
         pieces = self._plain_pieces(sample) if self.template == "plain" else self._chat_pieces(sample)

@@ -54,7 +54,7 @@ def locate_data(data_path: str | Path, image_folder: str | Path | None = None) -
     """(data file, image folder). A folder means chat.json + images_dl/ (LLaVA-CC3M-Pretrain-595K).
 
     For a file, images default to a sibling `images/` folder if there is one (the layout our
-    data_scripts write), else to the file's own folder.
+    course_lib.prepare writes), else to the file's own folder.
     """
     path = Path(data_path).expanduser()
     if path.is_dir():

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from PIL import Image
 
+from course_lib.data.records import IMAGE_TOKEN
+
 
 def candidate_grids(max_tiles: int, min_tiles: int = 1) -> list[tuple[int, int]]:
     """Every (cols, rows) with min_tiles <= cols * rows <= max_tiles, fewest tiles first."""
@@ -101,8 +103,8 @@ def prepare_images(images: list[Image.Image], processor, pad_to_square: bool = F
                    image_tiling: int = 0) -> tuple[list[Image.Image], list[int]]:
     """What the vision tower sees, in training (LlavaDataset) and in chat alike: each image padded to a
     square if asked (LLaVA-1.5's `pad`), then tiled; returns the images and how many each became."""
+    from course_lib.data.image_tokens import image_size
     from course_lib.data.images import expand2square, mean_colour
-    from course_lib.data.labels import image_size
 
     if pad_to_square:
         colour = mean_colour(processor.image_processor)
@@ -118,7 +120,7 @@ def tile_count(width: int, height: int, tile_size: int, max_tiles: int) -> int:
     return cols * rows + (1 if cols * rows > 1 else 0)
 
 
-def expand_placeholders(text: str, counts: list[int], placeholder: str = "<image>") -> str:
+def expand_placeholders(text: str, counts: list[int], placeholder: str = IMAGE_TOKEN) -> str:
     """Replace the k-th `placeholder` with counts[k] copies: each tile is an image to the model."""
     parts = text.split(placeholder)
     if len(parts) - 1 != len(counts):
@@ -130,7 +132,6 @@ def tiled_sample(sample, counts: tuple[int, ...]):
     """The sample with its k-th `<image>` repeated counts[k] times and each image path repeated alike."""
     from dataclasses import replace
 
-    from course_lib.data.records import IMAGE_TOKEN
 
     messages, k = [], 0
     for message in sample.messages:

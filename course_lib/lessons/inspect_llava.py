@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from course_lib.build import llm_config_of, num_image_tokens, vision_config_of
+from course_lib.build import llm_config_of, vision_config_of
+from course_lib.data.image_tokens import num_image_tokens
+from course_lib.data.records import IMAGE_TOKEN
 from course_lib.world.backbones import TinyWorld
 
 # Copied from the hub's config.json files (no internet here). Check them, when online, with
@@ -40,7 +42,7 @@ TOKEN_MEANING = {
     "<|endoftext|>": "end of a document; Qwen's padding token",
     "<|im_start|>": "opens a turn; the role name follows",
     "<|im_end|>": "closes a turn; the Instruct model's eos, so the answer's last token",
-    "<image>": "placeholder the processor expands into the image tokens",
+    IMAGE_TOKEN: "placeholder the processor expands into the image tokens",
 }
 
 # The course, one row per notebook, with the `course_lib` modules each one teaches.
@@ -153,7 +155,7 @@ def special_tokens(tokenizer) -> list[dict]:
             for i, tok in sorted(tokenizer.added_tokens_decoder.items())]
 
 
-def collapse_image_tokens(text: str, image_token: str = "<image>") -> str:
+def collapse_image_tokens(text: str, image_token: str = IMAGE_TOKEN) -> str:
     """Write each run of image tokens as `<image>×N`, so an expanded prompt fits on a screen."""
     runs = re.compile(f"(?:{re.escape(image_token)})+")
     return runs.sub(lambda m: f"{image_token}×{len(m.group()) // len(image_token)}", text)

@@ -11,6 +11,8 @@ matplotlib.use(matplotlib.get_backend() if "inline" in matplotlib.get_backend() 
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from course_lib.data.records import IMAGE_TOKEN
+
 
 def _first_image(record: dict) -> str | None:
     image = record.get("image")
@@ -26,7 +28,7 @@ def show_samples(json_path: str | Path, image_dir: str | Path, n: int = 8, cols:
         ax.axis("off")
     for ax, rec in zip(axes.flat, records, strict=False):
         ax.imshow(Image.open(Path(image_dir) / _first_image(rec)))
-        q = rec["conversations"][0]["value"].replace("<image>", "").strip()
+        q = rec["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()
         a = rec["conversations"][1]["value"]
         ax.set_title(f"{q[:38]}\n→ {a[:38]}", fontsize=8)
     fig.tight_layout()
@@ -98,10 +100,10 @@ def _token_cells(input_ids, tokenizer, image_token_id: int, kinds: list[str], ma
         while run < len(ids) and ids[run] == image_token_id:
             run += 1
         if run - k > max_image_tokens:
-            cells += [("<image>", kinds[k])] * (max_image_tokens - 1) + [(f"… x{run - k}", kinds[k])]
+            cells += [(IMAGE_TOKEN, kinds[k])] * (max_image_tokens - 1) + [(f"… x{run - k}", kinds[k])]
             k = run
             continue
-        cells.append(("<image>" if ids[k] == image_token_id else _token_text(tokenizer, ids[k]), kinds[k]))
+        cells.append((IMAGE_TOKEN if ids[k] == image_token_id else _token_text(tokenizer, ids[k]), kinds[k]))
         k += 1
     return cells
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from course_lib.data.records import IMAGE_TOKEN
 from course_lib.training.checkpoints import SUMMARY, latest_complete_checkpoint
 
 
@@ -91,7 +92,7 @@ def plot_answers(items, reports: dict[str, dict], k: int = 4):
         ax.axis("off")
         if item.images:
             ax.imshow(Image.open(item.images[0]))
-        lines = [item.messages[-1]["content"].replace("<image>", "").strip()[:40], f"reference: {item.answer}"]
+        lines = [item.messages[-1]["content"].replace(IMAGE_TOKEN, "").strip()[:40], f"reference: {item.answer}"]
         for name, r in reports.items():
             row = next(p for p in r["predictions"] if p["id"] == item.id)
             lines.append(f"{'✓' if row['correct'] else '✗'} {name}: {row['prediction'][:18]}")

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from course_lib.data.collators import PackedCollator, PaddedCollator, ReferenceCollator, first_fit_decreasing
+from course_lib.data.image_tokens import num_image_tokens
 from course_lib.data.labels import IGNORE_INDEX
 from course_lib.util.tables import render_table
 
@@ -82,7 +83,7 @@ def build_model(geometry: Geometry, attn: str = "sdpa", dtype: torch.dtype = tor
                        bos_token_id=0, eos_token_id=1, pad_token_id=0)
     config = LlavaConfig(vision_config=CLIPVisionConfig(**geometry.vision), text_config=text,
                          image_token_index=geometry.text["vocab_size"] - 1,
-                         image_seq_length=image_tokens(geometry), vision_feature_layer=-2,
+                         image_seq_length=num_image_tokens(geometry.vision), vision_feature_layer=-2,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
                          tie_word_embeddings=geometry.text["tie_word_embeddings"])
     torch.manual_seed(seed)
@@ -90,10 +91,6 @@ def build_model(geometry: Geometry, attn: str = "sdpa", dtype: torch.dtype = tor
         model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
     model.config.text_config.use_cache = False
     return model
-
-
-def image_tokens(geometry: Geometry) -> int:
-    return (geometry.vision["image_size"] // geometry.vision["patch_size"]) ** 2
 
 
 def make_samples(geometry: Geometry, n: int, seed: int = 0, images_per_sample: int | None = None,
@@ -109,9 +106,9 @@ def make_samples(geometry: Geometry, n: int, seed: int = 0, images_per_sample: i
         name, (_, lo, hi) = rng.choices(kinds, weights=[k[1][0] for k in kinds])[0]
         n_images = images_per_sample if images_per_sample is not None else int(name != "text-only")
         n_text = text_tokens or rng.randint(lo, hi)
-        n_text = min(n_text, geometry.row_tokens - n_images * image_tokens(geometry))
+        n_text = min(n_text, geometry.row_tokens - n_images * num_image_tokens(geometry.vision))
         text = torch.randint(2, min(vocab - 1, 32000), (n_text,), generator=gen)
-        input_ids = torch.cat([torch.full((n_images * image_tokens(geometry),), image_id), text])
+        input_ids = torch.cat([torch.full((n_images * num_image_tokens(geometry.vision),), image_id), text])
         labels = input_ids.clone()
         labels[: len(input_ids) - int(0.7 * n_text)] = IGNORE_INDEX
         item = {"id": f"{name}-{i}", "input_ids": input_ids, "labels": labels}
@@ -199,7 +196,7 @@ def model_flops(model, items: list[dict]) -> float:
     vision_params = sum(p.numel() for p in model.model.vision_tower.parameters())
     vision_params += sum(p.numel() for p in model.model.multi_modal_projector.parameters())
     cfg = lm.config
-    vision_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    vision_tokens = num_image_tokens(vision) + 1  # CLS too: the tower computes it
     flops = 0.0
     for it in items:
         n = len(it["input_ids"])
@@ -307,7 +304,7 @@ def cost_growth(geometry: Geometry, device: str = "cpu", dtype: torch.dtype = to
         items = make_samples(geometry, 4, seed, images_per_sample=k, text_tokens=64)
         by_images.append({"images_per_sample": k, "tokens": len(items[0]["input_ids"]) * 4,
                           "seconds": step_time(items)})
-    return {"by_tokens": by_tokens, "by_images": by_images, "image_tokens": image_tokens(geometry)}
+    return {"by_tokens": by_tokens, "by_images": by_images, "image_tokens": num_image_tokens(geometry.vision)}
 
 
 def loader_rates(dataset, collator, batch_size: int = 16, workers: tuple[int, ...] = (0, 1, 2),

@@ -142,7 +142,7 @@ def use_projector(model, processor, name: str, seed: int = 0, **kwargs) -> nn.Mo
     so setting it keeps prompts and image features the same length. Experiments only: a model with a
     non-standard projector does not load back with `LlavaForConditionalGeneration.from_pretrained`.
     """
-    from course_lib.data.labels import image_size
+    from course_lib.data.image_tokens import image_size
 
     vision = model.config.vision_config
     text_dim = model.config.text_config.hidden_size

@@ -8,26 +8,18 @@ PEFT's `adapter_config.json` + `adapter_model.safetensors`; its `base_model_name
 stage-1 folder it was trained on, and the trained projector travels inside the adapter
 (`modules_to_save=["multi_modal_projector"]`). Loading follows PEFT's own path
 (https://huggingface.co/docs/peft/main/en/developer_guides/checkpoint), so what we run is what trained.
-
-Images are opened here too, bounded in pixels so a decompression bomb is refused before it is decoded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import os
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from course_lib.data.images import MAX_IMAGE_PIXELS, to_rgb
 from course_lib.model.partial_lora import has_partial_lora, load_partial_lora
 from course_lib.util.quiet import quiet_transformers
 
@@ -40,10 +32,6 @@ Kind = Literal["full", "lora"]
 
 class LoadError(ValueError):
     """A trained-output folder that cannot be loaded: names the folder and what was expected."""
-
-
-class ImageError(ValueError):
-    """An image that cannot be used: names the file and says why, in one line."""
 
 
 @dataclass
@@ -199,107 +187,3 @@ def find_models(*roots: str | Path) -> list[Path]:
                 checkpoint_kind(marker.parent)
                 found.add(marker.parent)
     return sorted(found)
-
-
-def load_image(source: str | Path | bytes | Image.Image, name: str | None = None,
-               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """An RGB image from a path, raw bytes or a PIL image; refuses non-images, corrupt files and bombs.
-
-    The size is read from the header before any pixel is decoded, so a 100k x 100k PNG costs nothing.
-    The pixel limit and the RGB conversion are training's (`images`); the errors name uploads too.
-    """
-    if isinstance(source, Image.Image):
-        name = name or "image"
-        image = source
-    else:
-        name = name or (str(source) if isinstance(source, str | Path) else "uploaded image")
-        if isinstance(source, str | Path) and not os.path.isfile(source):
-            raise ImageError(f"{name}: no such file")
-        try:
-            with warnings.catch_warnings():  # Pillow warns from 89 MP on; the size is checked below instead
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        except Image.DecompressionBombError:
-            raise ImageError(f"{name}: too large (more than {max_pixels:,} pixels)") from None
-        except (UnidentifiedImageError, OSError):
-            raise ImageError(f"{name}: not an image Pillow can read (expected PNG, JPEG, WebP, ...)") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        image.close()
-        raise ImageError(f"{name}: too large ({width}x{height} = {width * height:,} pixels, "
-                         f"the limit is {max_pixels:,})")
-    try:
-        image.load()
-        return to_rgb(image)  # as training does: transparency on white, 16-bit scaled
-    except Exception as err:  # truncated data surfaces as OSError, SyntaxError, ValueError, ...
-        raise ImageError(f"{name}: corrupt or truncated image ({type(err).__name__})") from None
-
-
-# --- prompts and generation ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """What `generate` is asked for, on top of the model's generation_config. Greedy by default."""
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    do_sample: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens}: expected at least 1")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature}: expected > 0 when sampling (or use greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: expected a value in (0, 1]")
-
-    def generate_kwargs(self) -> dict:
-        if self.do_sample:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
-                    "top_p": self.top_p}
-        # Qwen2.5's generation_config asks for sampling (temperature 0.7, top_p 0.8, top_k 20); greedy
-        # search ignores those, and clearing them keeps transformers from warning so on every call.
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": False, "temperature": None, "top_p": None,
-                "top_k": None}
-
-
-def user_message(text: str, n_images: int = 0) -> dict:
-    """A user turn: its images first, each rendered as `<image>\\n`, then the text (LLaVA's layout)."""
-    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
-
-
-def assistant_message(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
-
-
-def prepare_inputs(processor, conversations: Sequence[list[dict]], images: Sequence[Sequence[Image.Image]],
-                   device: torch.device, dtype: torch.dtype, pad_to_square: bool = False, image_tiling: int = 0):
-    """Token ids and pixels for a batch of conversations, left-padded so generation continues each one.
-
-    `pad_to_square` and `image_tiling` must be what the model was trained with (`LoadedModel.preprocessing`):
-    tiled, each image becomes its tiles + thumbnail, and its `<image>` as many placeholders.
-    """
-    from course_lib.data.tiling import expand_placeholders, prepare_images
-
-    texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-    prepared = [prepare_images(list(group), processor, pad_to_square, image_tiling) for group in images]
-    if image_tiling:
-        texts = [expand_placeholders(text, counts, processor.image_token) for text, (_, counts) in zip(texts, prepared)]
-    images = [group for group, _ in prepared]
-    flat = [image for group in images for image in group]
-    inputs = processor(text=texts, images=flat or None, padding=True, padding_side="left", return_tensors="pt")
-    return inputs.to(device, dtype=dtype)  # casts pixel_values only; token ids stay integers
-
-
-def generate_replies(loaded: LoadedModel, conversations: Sequence[list[dict]],
-                     images: Sequence[Sequence[Image.Image]], settings: GenerationSettings | None = None) -> list[str]:
-    """One answer per conversation, generated as one batch."""
-    settings = settings or GenerationSettings()
-    model, tokenizer = loaded.model, loaded.processor.tokenizer
-    inputs = prepare_inputs(loaded.processor, conversations, images, loaded.device, loaded.dtype,
-                            **loaded.preprocessing)
-    with torch.inference_mode():
-        out = model.generate(**inputs, **settings.generate_kwargs())
-    return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -21,7 +21,8 @@ import ipywidgets as w
 from PIL import Image
 
 from course_lib.chat import Chat
-from course_lib.serving.loading import MAX_IMAGE_PIXELS, ImageError, LoadedModel, find_models, load_image, load_trained
+from course_lib.data.images import MAX_IMAGE_PIXELS, ImageError, load_image
+from course_lib.serving.loading import LoadedModel, find_models, load_trained
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # 20 MiB: a large photo; the browser sends the whole file over the kernel's websocket
 THUMBNAIL_PX = 96

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from course_lib.data.records import IMAGE_TOKEN
+
 Q, A = "What is in the image?", "a red circle on the left ."
 
 
@@ -74,7 +76,7 @@ def broken_records() -> list[dict]:
         {"id": "answer_first", "image": "gray.png", "conversations": _conv()[::-1]},
         {"id": "empty_answer", "image": "gray.png", "conversations": _conv(answer="  ")},
         {"id": "typo_key", "image": "gray.png", "conversations": _conv(), "caption": A},
-        {"id": "too_long", "image": ["gray.png"] * 32, "conversations": _conv("<image>" * 32 + Q)},
+        {"id": "too_long", "image": ["gray.png"] * 32, "conversations": _conv(IMAGE_TOKEN * 32 + Q)},
         {"id": "long_text", "conversations": _conv("Tell me a story.", "Once upon a time " * 40)},
     ]
     return records

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from course_lib.data.records import IMAGE_TOKEN
+
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SIDES = ("left", "right")
@@ -27,7 +29,6 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 BACKGROUND = (245, 245, 245)
 # A question that shows an image asks about it; the `<image>` placeholder follows LLaVA-Instruct's
 # habit of putting it at the start of the first human turn (CC3M captions put it at the end).
-IMAGE = "<image>"
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def _conv(turns: list[tuple[str, str]], n_images: int) -> list[dict]:
     conv = []
     for i, (q, a) in enumerate(turns):
         if i == 0 and n_images:
-            q = "\n".join([IMAGE] * n_images + [q])
+            q = "\n".join([IMAGE_TOKEN] * n_images + [q])
         conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
     return conv
 
@@ -223,7 +224,7 @@ def write_world(out: Path, spec: WorldSpec) -> dict[str, int]:
         name = _save(render(scene, spec.image_size, rng), pre / "images_dl", f"pre_{i:06d}.png")
         # CC3M-Pretrain puts <image> after the instruction; we keep that shape.
         records.append({"id": f"pre_{i:06d}", "image": name, "conversations": [
-            {"from": "human", "value": f"Give a brief description of the image.\n{IMAGE}"},
+            {"from": "human", "value": f"Give a brief description of the image.\n{IMAGE_TOKEN}"},
             {"from": "gpt", "value": caption(scene)}]})
     _atomic_json(records, pre / "chat.json")
     sizes["pretrain"] = len(records)
