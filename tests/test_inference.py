@@ -212,5 +212,5 @@ def test_images_are_bounded_and_bad_ones_named(tiny_world, tmp_path):
         with pytest.raises(ImageError, match=expected) as err:
             load_image(path)
         assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
-    with pytest.raises(ImageError, match="the limit is 1,000"):
+    with pytest.raises(ImageError, match="over the limit of 1,000"):
         load_image(good, max_pixels=1000)

@@ -83,8 +83,10 @@ def test_bad_uploads_become_messages_in_the_chat(loaded, eval_pngs, tmp_path):
     notices = [e.text for e in ui.entries if e.role == "notice"]
     assert notices == ["notes.txt: not an image Pillow can read (expected PNG, JPEG, WebP, ...)",
                        "broken.png: corrupt or truncated image (OSError)",
-                       "huge.png: too large (10000x10000 = 100,000,000 pixels, the limit is 89,478,485)",
-                       "bomb.png: too large (more than 89,478,485 pixels)",
+                       "huge.png: too large: 10000x10000 = 100,000,000 pixels, over the limit of 89,478,485 "
+                       "(a possible decompression bomb)",
+                       "bomb.png: too large: refused by Pillow as a decompression bomb "
+                       "(the limit is 89,478,485 pixels)",
                        "big.png: file too large (20,004 bytes, the limit is 10,000)"]
     assert len(ui.pending) == 1  # only ok.png
     _say(ui, "How many circles are there?")

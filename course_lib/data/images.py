@@ -48,8 +48,8 @@ class ImageError(DataError):
     bad_image or image_too_large (the keys `LlavaDataset.stats` counts)."""
 
 
-def load_image(source: str | Path | bytes | Image.Image, name: str | None = None,
-               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS, *,
+               name: str | None = None) -> Image.Image:
     """The one image loader, for training, eval, chat and uploads: an upright 8-bit RGB image.
 
     `source` is a path, raw bytes (an upload) or a PIL image. Refused with an ImageError: a missing path,

@@ -48,25 +48,25 @@ TOKEN_MEANING = {
 # The course, one row per notebook, with the `course_lib` modules each one teaches.
 COURSE = [
     ("00_orientation", "the map of the course; the tiny world vs the real models; special tokens and "
-     "chat template", "tiny_world, shapes, plots, chat_template, inspect_llava"),
+     "chat template", "world.backbones, world.scenes, lessons.plots, model.chat_template, lessons.inspect_llava"),
     ("01_build_llava", "an empty LLaVA from CLIP + Qwen2, step by step; parameter table; image tokens; "
-     "language ability kept; save and reload", "build, params, inspect_llava"),
+     "language ability kept; save and reload", "build, model.parameters, data.image_tokens, lessons.inspect_llava"),
     ("02_data", "the LLaVA data format: reading the three conversation formats, checking a dataset, "
-     "opening images safely", "records, validate, images, broken_data"),
+     "opening images safely", "data.records, data.validate, data.images, world.broken, prepare"),
     ("03_token_splicing_and_masks", "from a conversation to input_ids and labels: plain vs chat template, "
-     "image tokens, answers-only loss, padding", "templates, data, collators"),
+     "image tokens, answers-only loss, padding", "data.labels, data.image_tokens, data.dataset, data.collators"),
     ("04_pretrain", "stage 1: train the projector only, on captions, with run_zero2.sh (DeepSpeed ZeRO-2)",
-     "train, train_types, launch, reporting"),
+     "train, training.recipes, training.trainable, training.launch, lessons.scoreboard"),
     ("05_finetune", "stage 2: instruction tuning with train type use_lora / freeze_vision / none; merging "
-     "LoRA", "train, train_types, merge, launch, reporting"),
+     "LoRA", "train, training.trainable, model.lora, training.checkpoints, merge, lessons.scoreboard"),
     ("06_compare_train_types", "the train types side by side: accuracy per question type, cost",
-     "eval, reporting, plots"),
+     "eval, training.recipes, lessons.scoreboard, lessons.plots"),
     ("07_chat_demo", "chat with a trained LLaVA about images, in code and in a widget",
-     "inference, chat, widgets"),
+     "serving.loading, serving.generation, chat, serving.widgets"),
     ("08_speed", "padding vs packing measured, attention backends, ZeRO-2 memory, the data loader, cost growth",
-     "speed, collators"),
+     "lessons.speed, data.collators, data.sampler"),
     ("09_design_patterns", "ways to join vision and language: CLIP's loss, projectors, Q-Former, pixel shuffle, "
-     "tiling", "design, projectors, tiling"),
+     "tiling", "lessons.design, model.projectors, data.tiling"),
 ]
 
 

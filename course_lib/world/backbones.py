@@ -12,8 +12,6 @@ leaves a half-written model behind.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -23,10 +21,10 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import set_seed
 
 from course_lib.model.chat_template import QWEN2_5_TEMPLATE
 from course_lib.world.scenes import (
@@ -110,15 +108,12 @@ def cache_home() -> Path:
     return Path(os.environ.get("COURSE_LIB_HOME", Path.home() / ".cache" / "course_lib"))
 
 
-@contextlib.contextmanager
 def _locked(path: Path):
+    """An exclusive lock on `path` (filelock: flock on Unix), so parallel processes build the world once."""
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 def _build_part(target: Path, builder) -> None:
@@ -181,13 +176,10 @@ def train_tokenizer(cfg: TinyWorldConfig):
     return tok
 
 
-def _set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _lr_lambda(steps: int, warmup: int = 30):
+    # Linear warm-up *times* a cosine over all steps: not transformers' get_cosine_schedule_with_warmup,
+    # whose cosine starts after the warm-up. Kept as it is, because the world's weights (and every
+    # recorded score) come from this schedule; changing it would rebuild every learner's cached world.
     return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
 
@@ -241,7 +233,7 @@ def train_clip(cfg: TinyWorldConfig, world: TinyWorld, out: Path) -> None:
     """Contrastive CLIP pretraining on the world's pretrain images and captions (Radford et al. 2021)."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    _set_seed(cfg.seed)
+    set_seed(cfg.seed)
     tok = AutoTokenizer.from_pretrained(world.tokenizer)
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     # CLIPTextConfig defaults to bos/eos 49406/49407 and pad 1: set all three to our own ids.
@@ -301,7 +293,7 @@ def train_llm(cfg: TinyWorldConfig, world: TinyWorld, out: Path) -> None:
     """A Qwen2-shaped causal LM, pretrained briefly on the world's text."""
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    _set_seed(cfg.seed)
+    set_seed(cfg.seed)
     tok = AutoTokenizer.from_pretrained(world.tokenizer)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     # Like Qwen2.5 (151936 rows for 151665 tokens), the embedding has spare rows: a multiple of 64.
