@@ -37,6 +37,8 @@ NUMBER_WORDS = {w: str(i) for i, w in enumerate(
 ALL = "all"
 
 
+MAX_NEW_TOKENS = 16  # the scoreboard's answers are a word or two
+
 def normalize_answer(text: str) -> str:
     """`"Two circles."` -> `"2 circles"`: lowercase, no punctuation or articles, digits for number words."""
     text = text.lower().replace("'", "")
@@ -101,7 +103,7 @@ def score(rows: Sequence[dict]) -> dict:
             "by_type": by_type}
 
 
-def predict(loaded: LoadedModel, items: Sequence[EvalItem], batch_size: int = 8, max_new_tokens: int = 16,
+def predict(loaded: LoadedModel, items: Sequence[EvalItem], batch_size: int = 8, max_new_tokens: int = MAX_NEW_TOKENS,
             progress: bool = True) -> list[dict]:
     """Greedy answers in batches; one row per item with its question, answer, prediction and verdict."""
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
@@ -122,7 +124,9 @@ def predict(loaded: LoadedModel, items: Sequence[EvalItem], batch_size: int = 8,
 def evaluate(loaded: LoadedModel, items: Sequence[EvalItem], **kwargs) -> dict:
     """A report: the scores (overall and `by_type`) and every prediction."""
     rows = predict(loaded, items, **kwargs)
-    return {"model": str(loaded.path), "kind": loaded.kind, **score(rows), "predictions": rows}
+    generation = GenerationSettings(max_new_tokens=kwargs.get("max_new_tokens", MAX_NEW_TOKENS)).as_dict()
+    return {"model": str(loaded.path), "kind": loaded.kind, **score(rows), "generation": generation,
+            "predictions": rows}
 
 
 def format_table(reports: Sequence[dict]) -> str:
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the JSON report here")
     parser.add_argument("--limit", type=int, help="score only the first N records")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best one present)")
     args = parser.parse_args(argv)
     try:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from course_lib import chat as chat_module
 from course_lib.chat import Chat, GenerationTimeout, interact
+from course_lib.data.images import load_image
 from course_lib.serving.generation import GenerationSettings
 
 
@@ -158,3 +159,33 @@ def test_cli_bad_images_get_one_line_and_exit_code_2(empty_llava, images, tmp_pa
 def test_cli_bad_model_folder(tmp_path, capsys):
     assert chat_module.main(["--model", str(tmp_path), "--prompt", "Hi"]) == 2
     assert "neither config.json nor adapter_config.json" in capsys.readouterr().err
+
+
+def test_greedy_is_greedy_whatever_the_checkpoint_generation_config_asks(loaded, eval_pngs):
+    """Qwen2.5's generation_config samples with top_k 20 and penalises repeats (1.1): greedy must clear both."""
+    from course_lib.serving.generation import generate_replies, prepare_inputs, user_message
+
+    conversations = [[user_message("What color is the object? red or blue?", 1)]]
+    images = [[load_image(eval_pngs[0])]]
+    config = loaded.model.generation_config
+    saved = {k: getattr(config, k) for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")}
+    try:
+        config.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=50.0)
+        answer = generate_replies(loaded, conversations, images, GenerationSettings(max_new_tokens=6))
+    finally:
+        config.update(**saved)
+    # Greedy by hand: the argmax of the model's own logits, token after token.
+    inputs = prepare_inputs(loaded.processor, conversations, images, loaded.device, loaded.dtype)
+    ids, eos = inputs["input_ids"], set(config.eos_token_id if isinstance(config.eos_token_id, list)
+                                        else [config.eos_token_id])
+    new = []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  pixel_values=inputs["pixel_values"]).logits[0, -1]
+            token = int(logits.argmax())
+            if token in eos:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    assert answer == [loaded.processor.tokenizer.decode(new, skip_special_tokens=True)]

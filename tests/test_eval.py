@@ -121,6 +121,7 @@ def test_eval_cli_matches_the_hand_checked_numbers(hand_checked, empty_llava, tm
     assert {t: (v["n"], v["correct"]) for t, v in result["by_type"].items()} == {
         "color": (2, 1), "count": (2, 2), "compare": (1, 0), "text": (1, 1)}
     assert [p["correct"] for p in result["predictions"]] == [True, True, False, True, False, True]
+    assert result["generation"] == {"max_new_tokens": 16, "do_sample": False, "temperature": 1.0, "top_p": 1.0}
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:2] == ["type", "n"] and ["all", "6", "66.7%"] in [line.split() for line in lines]
     assert "eval " in proc.stderr  # the tqdm bar

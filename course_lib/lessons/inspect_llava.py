@@ -17,23 +17,12 @@ import torch
 from course_lib.build import llm_config_of, vision_config_of
 from course_lib.data.image_tokens import num_image_tokens
 from course_lib.data.records import IMAGE_TOKEN
+from course_lib.model.geometry import CLIP_L_336, QWEN2_5, QWEN2_5_TOKENIZER_LEN
 from course_lib.world.backbones import TinyWorld
 
-# Copied from the hub's config.json files (no internet here). Check them, when online, with
-# `transformers.AutoConfig.from_pretrained(name)`. Parameter counts are computed from these on the
-# meta device, so no weights are downloaded: 303.5M, 494.0M and 7.62B, as the model cards say.
-# REAL_VISION is openai/clip-vit-large-patch14-336's vision_config.
-REAL_VISION = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                   num_hidden_layers=24, num_attention_heads=16, projection_dim=768, hidden_act="quick_gelu")
-REAL_LLMS = {
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                                       tie_word_embeddings=True),
-    "Qwen/Qwen2.5-7B-Instruct": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                                     tie_word_embeddings=False),
-}
-QWEN2_5_TOKENIZER_LEN = 151665  # len(tokenizer) of every Qwen2.5 model: 151643 BPE tokens + 22 special
+# The tour's real models: CLIP-L/336 with Qwen2.5-0.5B and 7B (the shapes live in model/geometry.py).
+REAL_VISION = CLIP_L_336
+REAL_LLMS = {name: QWEN2_5[name] for name in ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct")}
 
 VISION_FIELDS = ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 LLM_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

@@ -27,13 +27,14 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from course_lib.data.collators import PackedCollator, PaddedCollator, ReferenceCollator, first_fit_decreasing
 from course_lib.data.image_tokens import num_image_tokens
 from course_lib.data.labels import IGNORE_INDEX
+from course_lib.model.geometry import CLIP_L_336, QWEN2_5
 from course_lib.util.tables import render_table
 
 # Text lengths (tokens) of the three kinds of sample, and their shares of the mix.
@@ -52,25 +53,15 @@ class Geometry:
     text: dict
     row_tokens: int  # model_max_length: the packing row capacity
     mix: str = "tiny"
-    extra: dict = field(default_factory=dict)
 
 
-CLIP_L_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16, projection_dim=768, hidden_act="quick_gelu")
 GEOMETRIES = {
     "tiny": Geometry("tiny", dict(image_size=64, patch_size=16, hidden_size=128, intermediate_size=512,
                                   num_hidden_layers=3, num_attention_heads=4),
                      dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=576, tie_word_embeddings=False), row_tokens=1024),
-    "qwen2.5-0.5b": Geometry("qwen2.5-0.5b", CLIP_L_336,
-                             dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-                             row_tokens=2048, mix="real"),
-    "qwen2.5-1.5b": Geometry("qwen2.5-1.5b", CLIP_L_336,
-                             dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                  num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                                  tie_word_embeddings=True),
-                             row_tokens=2048, mix="real"),
+    **{size: Geometry(size, CLIP_L_336, QWEN2_5[f"Qwen/Qwen2.5-{size[8:].upper()}-Instruct"], row_tokens=2048,
+                      mix="real") for size in ("qwen2.5-0.5b", "qwen2.5-1.5b")},
 }
 
 

@@ -33,13 +33,25 @@ class GenerationSettings:
             raise ValueError(f"top_p={self.top_p}: expected a value in (0, 1]")
 
     def generate_kwargs(self) -> dict:
+        """`generate`'s arguments: exactly what was asked, nothing the checkpoint's generation_config adds.
+
+        Qwen2.5's generation_config samples (temperature 0.7, top_p 0.8, top_k 20) and sets repetition_penalty
+        (1.1 for 0.5B/1.5B, 1.05 for 7B). Greedy must clear all of them: a repetition penalty would punish
+        an answer for repeating a word of the question ("red or blue?" -> "red"). Sampling clears top_k and
+        the penalty too, so it means only the temperature and top_p asked for. None unsets a field.
+        """
+        cleared = {"top_k": None, "repetition_penalty": None, "no_repeat_ngram_size": None, "min_p": None,
+                   "typical_p": None}
         if self.do_sample:
             return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
-                    "top_p": self.top_p}
-        # Qwen2.5's generation_config asks for sampling (temperature 0.7, top_p 0.8, top_k 20); greedy
-        # search ignores those, and clearing them keeps transformers from warning so on every call.
+                    "top_p": self.top_p, **cleared}
         return {"max_new_tokens": self.max_new_tokens, "do_sample": False, "temperature": None, "top_p": None,
-                "top_k": None}
+                **cleared}
+
+    def as_dict(self) -> dict:
+        """For reports: what was asked (eval writes it next to its scores)."""
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature,
+                "top_p": self.top_p}
 
 
 def user_message(text: str, n_images: int = 0) -> dict:

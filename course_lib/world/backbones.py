@@ -78,7 +78,11 @@ class TinyWorldConfig:
     lm_rope_theta: float = 1000000.0  # Qwen2.5's; Qwen2Config's default 1e4 read described scenes worse
 
     def key(self) -> str:
-        blob = json.dumps({"v": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        # WorldSpec had an unused `extra: dict` field, hashed as {}; it stays in the hash so that every
+        # learner's cached world keeps its key (a new key would rebuild it: about 10 minutes).
+        fields["world"]["extra"] = {}
+        blob = json.dumps({"v": BUILD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -25,7 +25,6 @@ from course_lib.data.records import IMAGE_TOKEN
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SIDES = ("left", "right")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 BACKGROUND = (245, 245, 245)
 # A question that shows an image asks about it; the `<image>` placeholder follows LLaVA-Instruct's
 # habit of putting it at the start of the first human turn (CC3M captions put it at the end).
@@ -78,10 +77,6 @@ def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> Im
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     return img
-
-
-def _count_phrase(n: int, noun: str) -> str:
-    return f"{NUMBER_WORDS[n]} {noun}" + ("s" if n != 1 else "")
 
 
 def caption(scene: Scene) -> str:
@@ -174,7 +169,6 @@ class WorldSpec:
     # Questions per training image or text chat (1 to max_turns; the eval asks one). Five, not three:
     # more answers per sequence taught the tiny LM to read a described scene (colour 28% -> 72%).
     max_turns: int = 5
-    extra: dict = field(default_factory=dict)
 
 
 def _conv(turns: list[tuple[str, str]], n_images: int) -> list[dict]:
