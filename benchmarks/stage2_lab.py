@@ -33,14 +33,35 @@ import torch
 from PIL import Image
 from torch import nn
 
+from course_lib.build import build_llava
+from course_lib.data.labels import PromptEncoder
+from course_lib.data.records import to_sample
 from course_lib.eval import is_correct
-from course_lib.model.chat_template import QWEN_DEFAULT_SYSTEM
 from course_lib.world import scenes as shapes
 
 
 def _images(record: dict) -> list[str]:
     image = record.get("image", [])
     return [image] if isinstance(image, str) else image
+
+
+def encode_record(encoder: PromptEncoder, part: str, record: dict, n_img: int, train: bool):
+    """The course's own encoding (ChatML with Qwen's default system prompt, loss on the answers only), with
+    each image's run of image tokens turned into a slot the lab fills with projected features."""
+    sample = to_sample(record, 0)
+    if train:
+        encoded = encoder.encode(sample)
+        ids, labels = list(encoded.input_ids), list(encoded.labels)
+    else:  # the first question, ending with the generation prompt, as course_lib.eval asks it
+        first = next(i for i, m in enumerate(sample.messages) if m["role"] == "user")
+        text = encoder.tokenizer.apply_chat_template(list(sample.messages[:first + 1]), tokenize=False,
+                                                     add_generation_prompt=True)
+        ids = encoder.tokens(text)
+        labels = [-100] * len(ids)
+    positions = [k for k, t in enumerate(ids) if t == encoder.image_token_id]  # n_img per image, in order
+    slots = [(start, (part, name)) for start, name in zip(positions[::n_img], sample.images, strict=True)]
+    ids = [0 if t == encoder.image_token_id else t for t in ids]
+    return ids, labels, slots
 
 
 @torch.no_grad()
@@ -124,30 +145,11 @@ def main() -> None:
         feats = clip_features(world, records)
     n_img = next(iter(feats.values())).shape[0]
 
+    encoder = PromptEncoder(build_llava(str(world / "clip"), str(world / "qwen2"))[1], template="chat")
+
     def encode(part: str, record: dict, train: bool):
         """ids (image slots as 0), labels, [(slot start, feature key)]; for eval: the first question only."""
-        ids, labels, slots = [], [], []
-
-        def add(text: str, learn: bool) -> None:
-            t = tok(text, add_special_tokens=False)["input_ids"]
-            ids.extend(t)
-            labels.extend(t if learn else [-100] * len(t))
-
-        add(f"<|im_start|>system\n{QWEN_DEFAULT_SYSTEM}<|im_end|>\n", False)
-        conv, images = record["conversations"], iter(_images(record))
-        for k in range(len(conv) // 2 if train else 1):
-            add("<|im_start|>user\n", False)
-            for j, piece in enumerate(conv[2 * k]["value"].split("<image>")):
-                if j:
-                    slots.append((len(ids), (part, next(images))))
-                    ids.extend([0] * n_img)
-                    labels.extend([-100] * n_img)
-                add(piece, False)
-            add("<|im_end|>\n<|im_start|>assistant\n", False)
-            if train:
-                add(conv[2 * k + 1]["value"] + "<|im_end|>", True)
-                add("\n", False)
-        return ids, labels, slots
+        return encode_record(encoder, part, record, n_img, train)
 
     train = [encode("instruct", r, True) for r in records["instruct"]]
     evals = [(r["type"], r.get("objects") or [0], r["answer"], encode("eval", r, False)) for r in records["eval"]]

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils.benchmark import Timer
 
 from course_lib.data.collators import PackedCollator, PaddedCollator, ReferenceCollator, first_fit_decreasing
 from course_lib.data.image_tokens import num_image_tokens
@@ -203,16 +204,9 @@ def matmul_rate(device: str, dtype: torch.dtype, n: int = 4096, repeats: int = 5
     n = max(n, 8192) if device.startswith("cuda") else 1024  # a GPU reaches its matmul peak only at large sizes
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        _sync(device)
-        times.append((time.perf_counter() - start) / 10)
-    return 2 * n ** 3 / statistics.median(times)
+    # torch's Timer synchronises CUDA and picks how many products to time; it uses 1 thread unless told.
+    timer = Timer("a @ b", globals={"a": a, "b": b}, num_threads=torch.get_num_threads())
+    return 2 * n ** 3 / timer.blocked_autorange(min_run_time=0.2 * repeats).median
 
 
 def throughput(geometry: Geometry, n_samples: int = 96, batch_size: int = 8, repeats: int = 5,

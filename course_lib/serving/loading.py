@@ -103,7 +103,13 @@ def adapter_base(folder: str | Path) -> Path:
     tried as given (absolute, or from the current folder), then next to the adapter.
     """
     folder = Path(folder)
-    base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    from peft import PeftConfig
+
+    try:  # PEFT's own reader of adapter_config.json (local folder: no hub access)
+        base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    except (ValueError, TypeError, OSError) as err:  # broken JSON is a ValueError
+        raise LoadError(f"{folder / ADAPTER_CONFIG}: not a readable PEFT adapter config "
+                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     if not base:
         raise LoadError(f"{folder / ADAPTER_CONFIG}: base_model_name_or_path is empty; set it to the stage-1 "
                         "LLaVA folder the adapter was trained from (or pass base=... to load_trained)")
