@@ -283,3 +283,44 @@ def test_run_zero2_bad_flag_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --train_type 'nope' is not one of use_lora, freeze_vision, "
                                                 "none (or full), partial_lora"]
+
+
+@pytest.mark.parametrize("flags", [["--train_sampling_strategy", "group_by_length"],
+                                   ["--group_by_modality_length", "true"]])
+def test_length_grouping_flags_reach_the_sampler(flags, tiny_world, empty_llava, tmp_path):
+    """HF's `--train_sampling_strategy group_by_length` (it once raised a TypeError here) and LLaVA's
+    `--group_by_modality_length`: batches of the global batch size, never mixing text-only with images."""
+    from course_lib.data.collators import PaddedCollator
+    from course_lib.data.dataset import LlavaDataset
+    from course_lib.data.sampler import LengthGroupedSampler
+    from course_lib.training.arguments import parse_args
+    from course_lib.training.trainer import make_trainer
+
+    instruct = tiny_world.data / "instruct"
+    margs, dargs, targs = parse_args(["--stage", "finetune", "--train_type", "freeze_vision", "--model_name_or_path",
+                                      "tiny", "--pretrain_projector", str(_projector_file(tmp_path, empty_llava)),
+                                      "--data_path", str(instruct / "instruct.json"), "--image_folder",
+                                      str(instruct / "images"), "--output_dir", str(tmp_path / "out"),
+                                      "--per_device_train_batch_size", "8", "--report_to", "none", *flags])
+    _, model, processor = empty_llava
+    dataset = LlavaDataset(instruct / "instruct.json", processor, image_folder=instruct / "images")
+    trainer = make_trainer(model, targs, dataset, PaddedCollator(processor.tokenizer.pad_token_id), None, None,
+                           group_by_modality=dargs.group_by_modality_length)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.batch_size == 8 * targs.world_size
+    order = list(sampler)
+    assert sorted(order) == list(range(len(dataset)))
+    batches = [order[i:i + 8] for i in range(0, len(order) - len(order) % 8, 8)]
+    mixed = sum(len({dataset.image_counts[j] > 0 for j in b}) > 1 for b in batches[:-1])
+    if dargs.group_by_modality_length:
+        assert mixed == 0  # LLaVA's modality grouping: a batch is all images or all text
+    spread = [max(dataset.lengths[j] for j in b) - min(dataset.lengths[j] for j in b) for b in batches]
+    assert sum(spread) / len(spread) < 0.5 * (max(dataset.lengths) - min(dataset.lengths))
+
+
+def _projector_file(tmp_path, empty_llava):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "projector.safetensors"
+    save_file({k: v.contiguous() for k, v in empty_llava[1].model.multi_modal_projector.state_dict().items()}, path)
+    return path
