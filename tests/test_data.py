@@ -261,3 +261,30 @@ def test_validator_as_a_module(broken):
     proc = subprocess.run([sys.executable, "-m", "course_lib.data", "validate", "--data", str(broken[0]),
                            "--images", "/no/such/folder"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --images /no/such/folder: no such folder"
+
+
+def test_a_named_pipe_is_refused_at_once_not_opened(tmp_path):
+    """Opening a FIFO blocks until a writer comes: validation and training would hang forever on one."""
+    fifo = tmp_path / "images" / "pipe.png"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="not a regular file") as err:
+        load_image(fifo)
+    assert err.value.reason == "not_a_file"
+
+
+def test_exif_orientation_is_applied_in_training_and_chat_alike(tmp_path):
+    """A phone's portrait photo: landscape pixels plus EXIF orientation 6 (rotate 90 degrees clockwise)."""
+    from PIL import Image
+
+    pixels = Image.new("RGB", (40, 20), (255, 0, 0))
+    pixels.paste((0, 0, 255), (0, 0, 10, 20))  # blue strip on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "portrait.jpg"
+    pixels.save(path, exif=exif.tobytes(), quality=95)
+    upright = load_image(path)
+    assert upright.size == (20, 40)
+    r, g, b = upright.getpixel((10, 2))  # the stored left strip is now at the top
+    assert b > 200 and r < 60
+    assert load_image(path.read_bytes(), name="upload.jpg").tobytes() == upright.tobytes()
