@@ -15,6 +15,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from course_lib.data.image_tokens import num_image_tokens
 from course_lib.data.records import IMAGE_TOKEN
 from course_lib.model.chat_template import LLAVA_QWEN_TEMPLATE
 from course_lib.util.quiet import quiet_transformers
+
+if TYPE_CHECKING:
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, LlavaProcessor, PretrainedConfig
 
 SUPPORTED_LLMS = ("qwen2",)
 
@@ -63,7 +67,7 @@ def _load_config(name: str, what: str, expected: str):
         raise BuildError(f"--{what} {name}: cannot load a {expected} config ({first})") from None
 
 
-def vision_config_of(name: str):
+def vision_config_of(name: str) -> CLIPVisionConfig:
     """The CLIP vision config of a full CLIP checkpoint or a CLIP vision-only checkpoint."""
     config = _load_config(name, "vision", "CLIP (model_type 'clip')")
     if config.model_type == "clip":
@@ -74,7 +78,7 @@ def vision_config_of(name: str):
                      f"got model_type '{config.model_type}'")
 
 
-def llm_config_of(name: str):
+def llm_config_of(name: str) -> PretrainedConfig:
     config = _load_config(name, "llm", "Qwen2/Qwen2.5 (model_type 'qwen2')")
     if config.model_type not in SUPPORTED_LLMS:
         raise BuildError(f"--llm {name}: expected a Qwen2/Qwen2.5 causal LM (model_type 'qwen2'), "
@@ -103,7 +107,8 @@ def _torch_dtype(name: str, config) -> torch.dtype:
     return getattr(torch, found) if isinstance(found, str) else found
 
 
-def build_llava(vision: str, llm: str, out: str | Path | None = None, *, seed: int = 0, dtype: str = "auto"):
+def build_llava(vision: str, llm: str, out: str | Path | None = None, *, seed: int = 0,
+                dtype: str = "auto") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Return (model, processor) for an empty LLaVA; save both to `out` as safetensors if given."""
     from transformers import (
         AutoModelForCausalLM,

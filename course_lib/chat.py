@@ -16,9 +16,10 @@ import argparse
 import queue
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 from PIL import Image
@@ -26,6 +27,10 @@ from PIL import Image
 from course_lib.data.images import ImageError, load_image
 from course_lib.serving.generation import GenerationSettings, assistant_message, prepare_inputs, user_message
 from course_lib.serving.loading import LoadedModel, LoadError, load_trained
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_TIMEOUT_S = 120.0  # per token; the first one also waits for the prompt's forward pass
 
@@ -44,7 +49,8 @@ class _StopWhenSet:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_generate(model, tokenizer, inputs, settings: GenerationSettings,
+def stream_generate(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase,
+                    inputs: Mapping[str, torch.Tensor], settings: GenerationSettings,
                     timeout: float = DEFAULT_TIMEOUT_S) -> Iterator[str]:
     """Yield the answer's text as it is generated; an error inside `generate` is raised here, not hung on."""
     from transformers import StoppingCriteriaList, TextIteratorStreamer
@@ -143,7 +149,8 @@ def _say(chat: Chat, text: str, images: list[Image.Image], out) -> None:
     out.flush()
 
 
-def interact(chat: Chat, lines: Iterable[str], pending: list[Image.Image], out=None, err=None) -> None:
+def interact(chat: Chat, lines: Iterable[str], pending: list[Image.Image], out: TextIO | None = None,
+             err: TextIO | None = None) -> None:
     """The interactive loop: plain lines are messages, `/image`, `/reset` and `/quit` are commands."""
     out, err = out or sys.stdout, err or sys.stderr
     for raw in lines:

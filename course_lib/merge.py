@@ -11,13 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from course_lib.serving.loading import LoadError, load_trained
 
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
 
-def merge_lora(adapter_dir: str | Path, out: str | Path):
+
+def merge_lora(adapter_dir: str | Path, out: str | Path) -> LlavaForConditionalGeneration:
     """Load base + adapter (the base found from the adapter's own config), fold the LoRA deltas into the
     weights, save model and processor to `out` as safetensors; returns the merged model."""
     loaded = load_trained(adapter_dir, device="cpu", dtype=torch.float32, merge_lora=True)

@@ -9,11 +9,15 @@ the tiny world's CLIP (64 px, patch 32) gives 4.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from course_lib.data.records import IMAGE_TOKEN, DataError
 
+if TYPE_CHECKING:
+    from transformers import CLIPVisionConfig, LlavaProcessor, PreTrainedTokenizerBase, ProcessorMixin
 
-def num_image_tokens(vision_config) -> int:
+
+def num_image_tokens(vision_config: CLIPVisionConfig | Mapping[str, int]) -> int:
     """Tokens per image of a vision tower's config (a `CLIPVisionConfig` or a dict of its fields): one per
     patch, CLS dropped (LLaVA's `vision_feature_select_strategy="default"`)."""
     get = vision_config.get if isinstance(vision_config, Mapping) else vision_config.__getattribute__
@@ -27,7 +31,7 @@ def _height_width(size) -> tuple[int, int] | None:
     return (height, width) if height and width else None
 
 
-def image_size(processor) -> tuple[int, int]:
+def image_size(processor: ProcessorMixin) -> tuple[int, int]:
     """(height, width) of the images the processor outputs: its crop size, or its fixed resize size."""
     image_processor = processor.image_processor
     cropped = getattr(image_processor, "do_center_crop", False)
@@ -38,7 +42,7 @@ def image_size(processor) -> tuple[int, int]:
     return hw
 
 
-def image_token_count(processor) -> int:
+def image_token_count(processor: LlavaProcessor) -> int:
     """Tokens one `<image>` becomes, from the processor's config: 4 for the tiny world, 576 for CLIP-L/336.
 
     Mirrors `LlavaProcessor.replace_image_token`: (H / patch) * (W / patch) patches, plus CLS (as
@@ -54,7 +58,8 @@ def image_token_count(processor) -> int:
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
 
-def expand_image_tokens(text: str, tokenizer, image_token_id: int, tokens_per_image: int) -> list[int]:
+def expand_image_tokens(text: str, tokenizer: PreTrainedTokenizerBase, image_token_id: int,
+                        tokens_per_image: int) -> list[int]:
     """Token ids of `text` with each `<image>` expanded to `tokens_per_image` image-token ids: what the
     processor does to a prompt, done piece by piece so that the text around each image tokenizes alone."""
     ids: list[int] = []

@@ -13,11 +13,15 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from course_lib.data.records import DataError
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor
 
 # PIL's own warning threshold (about 89.5 MP); PIL only *errors* at twice that. We refuse at it.
 MAX_IMAGE_PIXELS = 89_478_485
@@ -117,6 +121,6 @@ def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.I
     return result
 
 
-def mean_colour(image_processor) -> tuple[int, int, int]:
+def mean_colour(image_processor: BaseImageProcessor) -> tuple[int, int, int]:
     """The image processor's `image_mean` as 0..255 RGB: padding with it normalises to zeros."""
     return tuple(int(x * 255) for x in image_processor.image_mean)

@@ -25,9 +25,13 @@ spans back and compares them with the answers, character for character (the vali
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from course_lib.data.image_tokens import expand_image_tokens, image_token_count
 from course_lib.data.records import IMAGE_TOKEN, DataError, Sample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # what HF's cross-entropy skips
 END_OF_TURN = "<|im_end|>"  # ChatML's end of a turn
@@ -126,7 +130,7 @@ class PromptEncoder:
                                               f"expected {expected[k:k + 1]}")
 
 
-def labelled_spans(labels: list[int], tokenizer) -> list[str]:
+def labelled_spans(labels: list[int], tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The text of each run of labels that carry loss, decoded verbatim (special tokens and spaces kept)."""
     runs: list[list[int]] = []
     previous = IGNORE_INDEX

@@ -17,9 +17,17 @@ shuffle (`projectors.pixel_shuffle`) to bring each tile from 1024 patches to 256
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from PIL import Image
 
 from course_lib.data.records import IMAGE_TOKEN
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from transformers import ProcessorMixin
+
+    from course_lib.data.records import Sample
 
 
 def candidate_grids(max_tiles: int, min_tiles: int = 1) -> list[tuple[int, int]]:
@@ -66,7 +74,7 @@ def tiled_token_count(width: int, height: int, tile_size: int, max_tiles: int, t
     return (tiles + (1 if thumbnail and tiles > 1 else 0)) * tokens_per_tile
 
 
-def plot_tiling(image: Image.Image, tile_size: int, max_tiles: int, title: str | None = None):
+def plot_tiling(image: Image.Image, tile_size: int, max_tiles: int, title: str | None = None) -> Figure:
     """The image with its grid drawn over it, and the tiles + thumbnail the model will see."""
     import matplotlib.pyplot as plt
 
@@ -99,7 +107,7 @@ def tile_images(images: list[Image.Image], tile_size: int, max_tiles: int) -> tu
     return [tile for group in groups for tile in group], [len(group) for group in groups]
 
 
-def prepare_images(images: list[Image.Image], processor, pad_to_square: bool = False,
+def prepare_images(images: list[Image.Image], processor: ProcessorMixin, pad_to_square: bool = False,
                    image_tiling: int = 0) -> tuple[list[Image.Image], list[int]]:
     """What the vision tower sees, in training (LlavaDataset) and in chat alike: each image padded to a
     square if asked (LLaVA-1.5's `pad`), then tiled; returns the images and how many each became."""
@@ -128,7 +136,7 @@ def expand_placeholders(text: str, counts: list[int], placeholder: str = IMAGE_T
     return parts[0] + "".join(placeholder * n + rest for n, rest in zip(counts, parts[1:]))
 
 
-def tiled_sample(sample, counts: tuple[int, ...]):
+def tiled_sample(sample: Sample, counts: tuple[int, ...]) -> Sample:
     """The sample with its k-th `<image>` repeated counts[k] times and each image path repeated alike."""
     from dataclasses import replace
 

@@ -17,10 +17,14 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from course_lib.data.images import MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from course_lib.data.labels import TEMPLATES, PromptEncoder
 from course_lib.data.records import DataError, locate_data, read_records, record_id, to_sample, unknown_keys
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
 
 WARNINGS = frozenset({"unknown_key", "truncated"})
 
@@ -56,7 +60,7 @@ def _length_problems(encoded, encoder: PromptEncoder, max_length: int) -> list[D
                                    "training truncates its tail")]
 
 
-def check_record(record, index: int, encoder: PromptEncoder, image_folder: Path, max_length: int,
+def check_record(record: Any, index: int, encoder: PromptEncoder, image_folder: Path, max_length: int,
                  max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[DataError], int | None]:
     """The problems of one record, and its text token count (None when it cannot be encoded)."""
     problems = [DataError("unknown_key", f"unknown key {key!r} (ignored)") for key in unknown_keys(record)]
@@ -74,8 +78,8 @@ def check_record(record, index: int, encoder: PromptEncoder, image_folder: Path,
     return problems + _length_problems(encoded, encoder, max_length), n_text
 
 
-def validate(data_file: Path, image_folder: Path, processor, template: str = "chat", max_length: int = 2048,
-             max_pixels: int = MAX_IMAGE_PIXELS) -> Report:
+def validate(data_file: Path, image_folder: Path, processor: ProcessorMixin, template: str = "chat",
+             max_length: int = 2048, max_pixels: int = MAX_IMAGE_PIXELS) -> Report:
     encoder, report = PromptEncoder(processor, template), Report()
     for index, record in enumerate(read_records(data_file)):
         problems, n_text = check_record(record, index, encoder, image_folder, max_length, max_pixels)
@@ -129,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_processor(name: str):
+def load_processor(name: str) -> ProcessorMixin:
     """'tiny' -> the tiny world's processor; otherwise a saved LlavaProcessor folder (never the hub)."""
     if name == "tiny":
         from transformers.utils import logging

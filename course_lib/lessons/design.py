@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,14 @@ from course_lib.model.projectors import use_projector
 from course_lib.training.trainable import optimizer_groups, prepare_model
 from course_lib.util.tables import render_table
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+
+    from course_lib.world.backbones import TinyWorld
+
 
 def _batches(dataset, batch_size: int, generator: torch.Generator):
     while True:
@@ -35,7 +44,8 @@ def _batches(dataset, batch_size: int, generator: torch.Generator):
                 yield [dataset[i] for i in idx.tolist()]
 
 
-def answer_accuracy(model, dataset: LlavaDataset, types: dict[str, str], batch_size: int = 32) -> dict:
+def answer_accuracy(model: LlavaForConditionalGeneration | PeftModel, dataset: LlavaDataset, types: dict[str, str],
+                    batch_size: int = 32) -> dict:
     """Teacher-forced exact match, overall and per question type (`types`: sample id -> type)."""
     collator = PaddedCollator(dataset.processor.tokenizer.pad_token_id)
     hits: dict[str, list[bool]] = defaultdict(list)
@@ -54,7 +64,7 @@ def answer_accuracy(model, dataset: LlavaDataset, types: dict[str, str], batch_s
     return {"accuracy": sum(every) / len(every), "by_type": by_type, "n": len(every)}
 
 
-def projector_run(world, name: str = "mlp2x_gelu", steps: int = 150, batch_size: int = 16, lr: float = 5e-4,
+def projector_run(world: TinyWorld, name: str = "mlp2x_gelu", steps: int = 150, batch_size: int = 16, lr: float = 5e-4,
                   projector_lr: float = 1e-3, seed: int = 0, eval_limit: int | None = None,
                   train_type: str = "freeze_vision", **kwargs) -> dict:
     """Train one design (projector `name`, `train_type`) for `steps` and score it: a row for the table."""
@@ -105,7 +115,7 @@ def format_runs(runs: list[dict], label: str = "projector") -> str:
     return render_table(header, body, markdown=True)
 
 
-def clip_similarity(world, n: int = 12) -> dict:
+def clip_similarity(world: TinyWorld, n: int = 12) -> dict:
     """The tiny CLIP on `n` pretrain pairs: the image-text similarity matrix and its contrastive loss.
 
     CLIP (Radford et al. 2021) scores every image against every caption of a batch; the loss is the
@@ -133,7 +143,7 @@ def clip_similarity(world, n: int = 12) -> dict:
             "text_to_image": (logits.argmax(0) == torch.arange(n)).float().mean().item()}
 
 
-def plot_similarity(result: dict):
+def plot_similarity(result: dict) -> Figure:
     import matplotlib.pyplot as plt
 
     n = len(result["captions"])
@@ -154,7 +164,7 @@ def plot_similarity(result: dict):
     return fig
 
 
-def plot_runs(runs: list[dict]):
+def plot_runs(runs: list[dict]) -> Figure:
     """Loss curves and accuracy of the projector runs."""
     import matplotlib.pyplot as plt
 
@@ -171,7 +181,7 @@ def plot_runs(runs: list[dict]):
     return fig
 
 
-def demo_photo(width: int = 800, height: int = 1300, seed: int = 3):
+def demo_photo(width: int = 800, height: int = 1300, seed: int = 3) -> Image.Image:
     """A large "photo" for the tiling pictures: a sky gradient with tiny-world scenes pasted at several scales."""
     import random
 

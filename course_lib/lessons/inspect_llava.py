@@ -11,6 +11,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from course_lib.data.image_tokens import num_image_tokens
 from course_lib.data.records import IMAGE_TOKEN
 from course_lib.model.geometry import CLIP_L_336, QWEN2_5, QWEN2_5_TOKENIZER_LEN
 from course_lib.world.backbones import TinyWorld
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 # The tour's real models: CLIP-L/336 with Qwen2.5-0.5B and 7B (the shapes live in model/geometry.py).
 REAL_VISION = CLIP_L_336
@@ -73,12 +77,12 @@ def course_map(notebooks_dir: str | Path | None = None) -> list[dict]:
     return rows
 
 
-def fields(config, names: tuple[str, ...]) -> dict:
+def fields(config: PretrainedConfig, names: tuple[str, ...]) -> dict:
     """The named fields of a config, for printing."""
     return {n: getattr(config, n) for n in names}
 
 
-def count_params(config) -> int:
+def count_params(config: PretrainedConfig) -> int:
     """Parameters of a CLIP vision tower or a causal LM, built on the meta device (no memory used)."""
     from transformers import AutoModelForCausalLM, CLIPVisionModel
 
@@ -136,7 +140,7 @@ def world_summary(world: TinyWorld) -> list[dict]:
     return rows
 
 
-def special_tokens(tokenizer) -> list[dict]:
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[dict]:
     """The tokenizer's added special tokens with their ids, the roles it gives them and what they mean."""
     roles = {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "pad": tokenizer.pad_token}
     return [{"token": str(tok), "id": i, "role": ", ".join(r for r, t in roles.items() if t == str(tok)) or "-",
@@ -151,7 +155,7 @@ def collapse_image_tokens(text: str, image_token: str = IMAGE_TOKEN) -> str:
 
 
 @torch.no_grad()
-def image_path(model, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+def image_path(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
     """The tensors along LLaVA's image path, as transformers' Llava computes them, step by step."""
     cfg = model.config
     hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
@@ -165,20 +169,21 @@ def image_path(model, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
             "image tokens (after the projector)": model.model.multi_modal_projector(patches)}
 
 
-def chat_inputs(tokenizer, question: str) -> dict[str, torch.Tensor]:
+def chat_inputs(tokenizer: PreTrainedTokenizerBase, question: str) -> dict[str, torch.Tensor]:
     """A one-turn, text-only chat prompt, ready for the model (the assistant's turn is opened)."""
     msgs = [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
 
 @torch.no_grad()
-def max_logit_diff(a, b, inputs: dict[str, torch.Tensor]) -> float:
+def max_logit_diff(a: PreTrainedModel, b: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> float:
     """Largest absolute difference between two models' logits on the same inputs."""
     return (a(**inputs).logits - b(**inputs).logits).abs().max().item()
 
 
 @torch.no_grad()
-def greedy_answer(model, tokenizer, question: str, max_new_tokens: int = 8) -> str:
+def greedy_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question: str,
+                  max_new_tokens: int = 8) -> str:
     """The model's greedy answer to a text-only question (works for the LLM and the LLaVA alike)."""
     inputs = chat_inputs(tokenizer, question).to(model.device)
     # Qwen2.5's generation_config samples (temperature, top_p, top_k); clearing them avoids warnings.

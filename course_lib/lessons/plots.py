@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -13,13 +14,20 @@ from PIL import Image  # noqa: E402
 
 from course_lib.data.records import IMAGE_TOKEN
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
+    from matplotlib.figure import Figure
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase
+
 
 def _first_image(record: dict) -> str | None:
     image = record.get("image")
     return image[0] if isinstance(image, list) else image
 
 
-def show_samples(json_path: str | Path, image_dir: str | Path, n: int = 8, cols: int = 4):
+def show_samples(json_path: str | Path, image_dir: str | Path, n: int = 8, cols: int = 4) -> Figure:
     """A grid of the first `n` image samples of a LLaVA-format file, each titled with its first answer."""
     records = [r for r in json.loads(Path(json_path).read_text()) if _first_image(r)][:n]
     rows = (len(records) + cols - 1) // cols
@@ -51,7 +59,7 @@ def _unnormalise(pixel_values, image_processor):
     return (pixel_values.float().numpy() * std + mean).clip(0, 1).transpose(1, 2, 0)
 
 
-def plot_image_to_tokens(image: Image.Image, processor, max_tokens: int = 32):
+def plot_image_to_tokens(image: Image.Image, processor: LlavaProcessor, max_tokens: int = 32) -> Figure:
     """The image, the processor's input with its patch grid (numbered in reading order), and the patches
     laid out as the row of image tokens they become (CLS dropped)."""
     import numpy as np
@@ -127,7 +135,8 @@ def _draw_cells(cells: list[tuple[str, str]], title: str, legend: dict[str, str]
     return fig
 
 
-def plot_prompt_tokens(input_ids, tokenizer, image_token_id: int, max_image_tokens: int = 32):
+def plot_prompt_tokens(input_ids: torch.Tensor | Sequence[int], tokenizer: PreTrainedTokenizerBase, image_token_id: int,
+                       max_image_tokens: int = 32) -> Figure:
     """The tokens of one prompt, with the expanded image span(s) highlighted."""
     special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
     ids = [int(t) for t in input_ids]
@@ -138,7 +147,8 @@ def plot_prompt_tokens(input_ids, tokenizer, image_token_id: int, max_image_toke
                        {"image": "image token", "special": "special token", "text": "text token"})
 
 
-def plot_label_mask(input_ids, labels, tokenizer, image_token_id: int, max_image_tokens: int = 32):
+def plot_label_mask(input_ids: torch.Tensor | Sequence[int], labels: torch.Tensor | Sequence[int],
+                    tokenizer: PreTrainedTokenizerBase, image_token_id: int, max_image_tokens: int = 32) -> Figure:
     """The same tokens coloured by their label: green tokens carry loss, grey ones are IGNORE_INDEX."""
     ids, labels = [int(t) for t in input_ids], [int(y) for y in labels]
     kinds = ["loss" if y != -100 else "ignored" for y in labels]
@@ -148,7 +158,7 @@ def plot_label_mask(input_ids, labels, tokenizer, image_token_id: int, max_image
                        {"loss": "label = token (loss)", "ignored": "label = -100 (no loss)"})
 
 
-def plot_attention_masks(lengths: list[int]):
+def plot_attention_masks(lengths: list[int]) -> Figure:
     """Who attends to whom: one sample (causal), a short sample right-padded, and all samples packed."""
     import torch
 
@@ -173,7 +183,8 @@ def plot_attention_masks(lengths: list[int]):
     return fig
 
 
-def plot_masked_scatter(model, input_ids, pixel_values, dims: int = 48):
+def plot_masked_scatter(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                        dims: int = 48) -> Figure:
     """Where masked_scatter puts the projected image features: text embeddings, image features, and the
     spliced sequence the language model reads (first `dims` feature dimensions shown)."""
     import torch
@@ -206,7 +217,7 @@ def plot_masked_scatter(model, input_ids, pixel_values, dims: int = 48):
 # Speed (course_lib.lessons.speed, notebook 08, benchmarks/packing.py)
 
 
-def plot_throughput(result: dict):
+def plot_throughput(result: dict) -> Figure:
     """Real tokens/s per mode, and the share of computed tokens that are real."""
     names = list(result["modes"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
@@ -225,7 +236,7 @@ def plot_throughput(result: dict):
     return fig
 
 
-def plot_cost_growth(result: dict):
+def plot_cost_growth(result: dict) -> Figure:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     t = result["by_tokens"]
     axes[0].plot([r["tokens"] for r in t], [r["seconds"] for r in t], "o-")
@@ -238,7 +249,7 @@ def plot_cost_growth(result: dict):
     return fig
 
 
-def plot_loader(rates: list[dict], consumed: float):
+def plot_loader(rates: list[dict], consumed: float) -> Figure:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar([f"{r['workers']} workers" for r in rates], [r["samples_per_s"] for r in rates], color="tab:purple")
     ax.axhline(consumed, color="black", linestyle="--", label=f"training step uses {consumed:.0f}/s")
@@ -248,7 +259,7 @@ def plot_loader(rates: list[dict], consumed: float):
     return fig
 
 
-def plot_layouts(items: list[dict], modes: dict[str, list[int]], collators: dict[str, object]):
+def plot_layouts(items: list[dict], modes: dict[str, list[int]], collators: dict[str, object]) -> Figure:
     """One step of each mode drawn as rows of tokens: a colour per sample, grey for padding."""
     from course_lib.data.collators import first_fit_decreasing
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from course_lib.data.records import IMAGE_TOKEN
 from course_lib.training.checkpoints import SUMMARY, latest_complete_checkpoint
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from matplotlib.figure import Figure
+
+    from course_lib.eval import EvalItem
 
 
 def loss_history(run_dir: str | Path) -> list[tuple[int, float]]:
@@ -21,7 +29,7 @@ def loss_history(run_dir: str | Path) -> list[tuple[int, float]]:
     return [(h["step"], h["loss"]) for h in history if "loss" in h]
 
 
-def plot_loss_curves(runs: dict[str, list[tuple[int, float]]], title: str = "training loss"):
+def plot_loss_curves(runs: dict[str, list[tuple[int, float]]], title: str = "training loss") -> Figure:
     """One line per run; returns the Figure."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -49,7 +57,7 @@ def _pyplot():
     return plt
 
 
-def chance_by_type(items) -> dict[str, float]:
+def chance_by_type(items: Iterable[EvalItem]) -> dict[str, float]:
     """A uniform guess over the distinct reference answers of each question type: the floor to beat."""
     answers: dict[str, set[str]] = {}
     for item in items:
@@ -57,7 +65,8 @@ def chance_by_type(items) -> dict[str, float]:
     return {t: 1 / len(a) for t, a in sorted(answers.items())}
 
 
-def plot_accuracy(reports: dict[str, dict], chance: dict[str, float] | None = None, target: float | None = None):
+def plot_accuracy(reports: dict[str, dict], chance: dict[str, float] | None = None,
+                  target: float | None = None) -> Figure:
     """Grouped bars: accuracy per question type (and overall), one bar per model; dashes mark chance."""
     import numpy as np
 
@@ -82,7 +91,7 @@ def plot_accuracy(reports: dict[str, dict], chance: dict[str, float] | None = No
     return fig
 
 
-def plot_answers(items, reports: dict[str, dict], k: int = 4):
+def plot_answers(items: Sequence[EvalItem], reports: dict[str, dict], k: int = 4) -> Figure:
     """The same images and questions answered by each model, side by side (first image of each item)."""
     from PIL import Image
 
@@ -114,7 +123,7 @@ def accuracy_by_objects(report: dict, records: list[dict]) -> dict[str, dict[int
     return {t: {n: (sum(h) / len(h), len(h)) for n, h in sorted(g.items())} for t, g in sorted(groups.items())}
 
 
-def plot_by_objects(reports: dict[str, dict], records: list[dict]):
+def plot_by_objects(reports: dict[str, dict], records: list[dict]) -> Figure:
     """One panel per model: accuracy of each single-image question type against the objects in the scene."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(reports), figsize=(3.2 * len(reports), 3), sharey=True, squeeze=False)

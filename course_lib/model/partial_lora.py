@@ -20,11 +20,15 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from course_lib.model.lora import LORA_TARGETS
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
 
 WEIGHTS, CONFIG = "partial_lora.safetensors", "partial_lora.json"
 ATTR = "partial_lora"  # the ModuleDict on the Llava model that holds the adapters
@@ -50,7 +54,8 @@ class _Mask:
     value: torch.Tensor | None = None
 
 
-def apply_partial_lora(model, r: int = 16, alpha: float = 32, dropout: float = 0.05) -> nn.ModuleDict:
+def apply_partial_lora(model: LlavaForConditionalGeneration, r: int = 16, alpha: float = 32,
+                       dropout: float = 0.05) -> nn.ModuleDict:
     """Add Partial LoRA adapters to a LlavaForConditionalGeneration (in place); returns them."""
     if hasattr(model, ATTR):
         raise ValueError("the model already has Partial LoRA adapters")
@@ -88,7 +93,7 @@ def apply_partial_lora(model, r: int = 16, alpha: float = 32, dropout: float = 0
     return adapters
 
 
-def save_partial_lora(model, folder: str | Path) -> None:
+def save_partial_lora(model: LlavaForConditionalGeneration, folder: str | Path) -> None:
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -101,7 +106,7 @@ def has_partial_lora(folder: str | Path) -> bool:
     return (Path(folder) / CONFIG).is_file()
 
 
-def load_partial_lora(model, folder: str | Path) -> None:
+def load_partial_lora(model: LlavaForConditionalGeneration, folder: str | Path) -> None:
     """Add the adapters saved in `folder` to a freshly loaded Llava model; strict: every tensor must match."""
     from safetensors.torch import load_file
 

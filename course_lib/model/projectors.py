@@ -21,9 +21,13 @@ that pretraining is not reproduced: here it is trained end to end with the langu
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 
 class LinearProjector(nn.Module):
@@ -135,7 +139,8 @@ def make_projector(name: str, vision_dim: int, text_dim: int, **kwargs) -> nn.Mo
     return PROJECTORS[name](vision_dim, text_dim, **kwargs)
 
 
-def use_projector(model, processor, name: str, seed: int = 0, **kwargs) -> nn.Module:
+def use_projector(model: LlavaForConditionalGeneration, processor: LlavaProcessor, name: str, seed: int = 0,
+                  **kwargs) -> nn.Module:
     """Put projector `name` into a Llava model in place of its MLP; make `<image>` expand to its tokens.
 
     The course's data pipeline (`PromptEncoder`, `image_token_count`) reads `processor.image_seq_length`,

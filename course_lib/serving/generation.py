@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from course_lib.serving.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from transformers import BatchFeature, LlavaProcessor
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,9 @@ def assistant_message(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
-def prepare_inputs(processor, conversations: Sequence[list[dict]], images: Sequence[Sequence[Image.Image]],
-                   device: torch.device, dtype: torch.dtype, pad_to_square: bool = False, image_tiling: int = 0):
+def prepare_inputs(processor: LlavaProcessor, conversations: Sequence[list[dict]],
+                   images: Sequence[Sequence[Image.Image]], device: torch.device, dtype: torch.dtype,
+                   pad_to_square: bool = False, image_tiling: int = 0) -> BatchFeature:
     """Token ids and pixels for a batch of conversations, left-padded so generation continues each one.
 
     `pad_to_square` and `image_tiling` must be what the model was trained with (`LoadedModel.preprocessing`):

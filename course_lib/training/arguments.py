@@ -7,11 +7,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from course_lib.training.recipes import STAGES, trainer_defaults
 from course_lib.training.trainable import TrainSetupError, normalize_train_type
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 PROJECTOR_FILE = "projector.safetensors"
 
@@ -61,7 +65,7 @@ def _value(argv: list[str], flag: str, default: str) -> str:
     return default
 
 
-def parse_args(argv: list[str]):
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """(model_args, data_args, training_args); one-line TrainSetupError for any user mistake."""
     from transformers import HfArgumentParser, TrainingArguments
 
@@ -144,7 +148,7 @@ def _auto_device(argv: list[str]) -> list[str]:
     return argv + [x for f in wants for x in (f"--{f}", "false")] + ["--use_cpu", "true"]
 
 
-def precision(targs) -> torch.dtype:
+def precision(targs: TrainingArguments) -> torch.dtype:
     return torch.bfloat16 if targs.bf16 else (torch.float16 if targs.fp16 else torch.float32)
 
 

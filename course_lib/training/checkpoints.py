@@ -6,12 +6,16 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from course_lib.model.lora import PROJECTOR
 from course_lib.model.partial_lora import ATTR as PARTIAL_LORA_ATTR
 from course_lib.model.partial_lora import save_partial_lora
 from course_lib.serving.loading import PREPROCESSING_FILE
 from course_lib.training.arguments import PROJECTOR_FILE, DataArguments, ModelArguments
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin, Trainer
 
 SUMMARY = "training_summary.json"  # written last: its presence marks a finished run
 
@@ -36,7 +40,8 @@ def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
-def save_outputs(trainer, processor, margs: ModelArguments, dargs: DataArguments, out: Path) -> None:
+def save_outputs(trainer: Trainer, processor: ProcessorMixin, margs: ModelArguments, dargs: DataArguments,
+                 out: Path) -> None:
     """Write the final model atomically per file: staged in a hidden folder, then moved in place."""
     from safetensors.torch import save_file
 

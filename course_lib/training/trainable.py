@@ -14,10 +14,16 @@ with one of three train types:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from course_lib.model.lora import PROJECTOR, lora_config
 from course_lib.model.partial_lora import apply_partial_lora
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
 
 TRAIN_TYPES = ("use_lora", "freeze_vision", "none", "partial_lora")
 TRAIN_TYPE_ALIASES = {"full": "none"}
@@ -40,8 +46,9 @@ def _set_trainable(model: nn.Module, parts: tuple[str, ...]) -> None:
         p.requires_grad = any(f"{part}." in name or name.startswith(part) for part in parts)
 
 
-def prepare_model(model, stage: str, train_type: str = "use_lora", lora_r: int = 16, lora_alpha: int = 32,
-                  lora_dropout: float = 0.05, gradient_checkpointing: bool = False):
+def prepare_model(model: LlavaForConditionalGeneration, stage: str, train_type: str = "use_lora", lora_r: int = 16,
+                  lora_alpha: int = 32, lora_dropout: float = 0.05,
+                  gradient_checkpointing: bool = False) -> LlavaForConditionalGeneration | PeftModel:
     """Freeze/unfreeze the parts of a LlavaForConditionalGeneration for `stage` and `train_type`.
 
     Returns the model to train: the same object, or a PEFT wrapper for `use_lora`.

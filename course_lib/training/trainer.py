@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,8 +13,17 @@ from course_lib.model.partial_lora import ATTR as PARTIAL_LORA_ATTR
 from course_lib.training.arguments import ModelArguments, attn_implementation
 from course_lib.training.trainable import optimizer_groups
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
-def load_for_training(margs: ModelArguments, dtype: torch.dtype):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration, ProcessorMixin, Trainer, TrainingArguments
+
+    from course_lib.data.dataset import LlavaDataset
+
+
+def load_for_training(margs: ModelArguments,
+                      dtype: torch.dtype) -> tuple[LlavaForConditionalGeneration, ProcessorMixin]:
     """The model and processor to train, with the stage-1 projector loaded when one is given."""
     from safetensors.torch import load_file
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -34,14 +44,15 @@ def load_for_training(margs: ModelArguments, dtype: torch.dtype):
     return model, processor
 
 
-def make_trainer(model, targs, dataset, collator, projector_lr: float | None, callbacks: list | None,
-                 group_by_modality: bool = False):
+def make_trainer(model: LlavaForConditionalGeneration | PeftModel, targs: TrainingArguments, dataset: LlavaDataset,
+                 collator: Callable[[Sequence[dict]], dict], projector_lr: float | None, callbacks: list | None,
+                 group_by_modality: bool = False) -> Trainer:
     from transformers import Trainer
 
     class LlavaTrainer(Trainer):
         """Trainer with LLaVA's projector learning rate and length grouping from precomputed lengths."""
 
-        def create_optimizer(self, model=None):
+        def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
             if self.optimizer is None:
                 cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
                 kwargs.pop("lr", None)

@@ -20,6 +20,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -37,6 +38,9 @@ from course_lib.world.scenes import (
     write_world,
 )
 
+if TYPE_CHECKING:
+    from transformers import Qwen2Tokenizer
+
 # Bump when the building code or a default changes the artefacts: the cache key hashes it with the config.
 BUILD_VERSION = 5
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -50,7 +54,8 @@ class TinyWorldConfig:
     # Vision tower: patch 32 on 64 px gives 4 image tokens, one per cell of the scene's 2x2 grid, so each token
     # holds one whole object. At patch 16 an object is spread over 4 tokens and a single token's shape reads
     # back linearly only 80% of the time (99.8% at patch 32): the LM then had to learn to bind "the red
-    # object" to its shape across tokens, and stage 2 stalled near 70% (RESULTS.md, session 6).
+    # object" to its shape across tokens, and stage 2 stalled near 70% (benchmarks/RESULTS.md, "vision features or
+    # language model?"; `python -m benchmarks.probes side WORLD` measures the read-back).
     vit_patch_size: int = 32
     vit_hidden_dim: int = 128
     vit_n_blocks: int = 3
@@ -151,7 +156,7 @@ def ensure_tiny_world(cfg: TinyWorldConfig | None = None, root: Path | None = No
     return world
 
 
-def train_tokenizer(cfg: TinyWorldConfig):
+def train_tokenizer(cfg: TinyWorldConfig) -> Qwen2Tokenizer:
     """A byte-level BPE with Qwen2's pre-tokenizer, Qwen2.5's special tokens and chat template."""
     from tokenizers import Tokenizer, models, trainers
     from transformers import Qwen2Tokenizer

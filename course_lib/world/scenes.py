@@ -3,8 +3,8 @@
 A scene is a handful of objects, each a (shape, colour) placed in one cell of a 2x2 grid, so every
 object sits unambiguously on the *left* or the *right*. Captions list the objects left to right and
 say which side each is on: the contrastive CLIP stage then has a reason to keep position in the patch
-features, which is what makes left/right questions learnable later (the prototype in issue 5 was
-stuck at chance on left/right when captions never mentioned it).
+features, which is what makes left/right questions learnable later (a first version whose captions never
+mentioned sides stayed at chance on left/right).
 
 Everything here is deterministic given a seed. `data_scripts/make_shapes.py` is the CLI around it.
 """
