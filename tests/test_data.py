@@ -288,3 +288,13 @@ def test_exif_orientation_is_applied_in_training_and_chat_alike(tmp_path):
     r, g, b = upright.getpixel((10, 2))  # the stored left strip is now at the top
     assert b > 200 and r < 60
     assert load_image(path.read_bytes(), name="upload.jpg").tobytes() == upright.tobytes()
+
+
+def test_validate_takes_a_processor_folder_this_project_saved(tmp_path, empty_llava):
+    """transformers 5 writes processor_config.json (no preprocessor_config.json): the validator must take it."""
+    folder, _, _ = empty_llava
+    assert (folder / "processor_config.json").is_file()
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"id": "t", "conversations": [{"from": "human", "value": "Hi"},
+                                                              {"from": "gpt", "value": "Hello."}]}]))
+    assert main(["validate", "--data", str(data), "--processor", str(folder)]) == 0

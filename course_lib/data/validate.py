@@ -136,20 +136,15 @@ def _parser() -> argparse.ArgumentParser:
 def load_processor(name: str) -> ProcessorMixin:
     """'tiny' -> the tiny world's processor; otherwise a saved LlavaProcessor folder (never the hub)."""
     if name == "tiny":
-        from transformers.utils import logging
-
         from course_lib.build import build_llava
+        from course_lib.util.quiet import quiet_transformers
 
-        bars = logging.is_progress_bar_enabled()
-        logging.disable_progress_bar()  # no "Loading weights" bars in the report
-        try:
+        with quiet_transformers(progress_bars=False):  # no "Loading weights" bars in the report
             return build_llava("tiny", "tiny")[1]
-        finally:
-            if bars:
-                logging.enable_progress_bar()
-    if not (Path(name) / "preprocessor_config.json").is_file():
+    # transformers 5 saves processor_config.json (older versions: preprocessor_config.json only).
+    if not any((Path(name) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
         raise DataError("processor", f"--processor {name}: expected a folder with a saved LlavaProcessor "
-                                     "(preprocessor_config.json, tokenizer files) or 'tiny'")
+                                     "(processor_config.json or preprocessor_config.json, tokenizer files) or 'tiny'")
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(name)
