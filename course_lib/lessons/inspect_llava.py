@@ -57,7 +57,7 @@ COURSE = [
     ("07_chat_demo", "chat with a trained LLaVA about images, in code and in a widget",
      "serving.loading, serving.generation, chat, serving.widgets"),
     ("08_speed", "padding vs packing measured, attention backends, ZeRO-2 memory, the data loader, cost growth",
-     "lessons.speed, data.collators, data.sampler"),
+     "lessons.speed, data.collators, data.sampler, training.zero"),
     ("09_design_patterns", "ways to join vision and language: CLIP's loss, projectors, Q-Former, pixel shuffle, "
      "tiling", "lessons.design, model.projectors, data.tiling"),
 ]

@@ -27,16 +27,23 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from torch.utils.benchmark import Timer
+from torch.utils.data import Dataset
 
 from course_lib.data.collators import PackedCollator, PaddedCollator, ReferenceCollator, first_fit_decreasing
 from course_lib.data.image_tokens import num_image_tokens
 from course_lib.data.labels import IGNORE_INDEX
 from course_lib.model.geometry import CLIP_L_336, QWEN2_5
 from course_lib.util.tables import render_table
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
 
 # Text lengths (tokens) of the three kinds of sample, and their shares of the mix.
 MIX = {
@@ -67,7 +74,7 @@ GEOMETRIES = {
 
 
 def build_model(geometry: Geometry, attn: str = "sdpa", dtype: torch.dtype = torch.float32, device: str = "cpu",
-                seed: int = 0):
+                seed: int = 0) -> LlavaForConditionalGeneration:
     """A randomly initialised LlavaForConditionalGeneration with the geometry's shapes (the real classes)."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
@@ -160,7 +167,8 @@ class Mode:
     batches: list[list[int]]
 
 
-def train_pass(model, optimizer, items: list[dict], mode: Mode, device: str, dtype: torch.dtype) -> dict:
+def train_pass(model: nn.Module, optimizer: torch.optim.Optimizer, items: list[dict], mode: Mode, device: str,
+               dtype: torch.dtype) -> dict:
     """One pass over `items` in the mode's batches: forward, backward, optimizer step. Returns counts."""
     computed = 0
     # Collated before the clock starts: this times the step; loader_rates measures the data pipeline.
@@ -179,7 +187,7 @@ def train_pass(model, optimizer, items: list[dict], mode: Mode, device: str, dty
     return {"seconds": seconds, "real_tokens": real, "computed_tokens": computed, "steps": len(batches)}
 
 
-def model_flops(model, items: list[dict]) -> float:
+def model_flops(model: LlavaForConditionalGeneration, items: list[dict]) -> float:
     """Training FLOPs of the useful work in `items`: 6 N per token + 12 L d n per token of attention."""
     lm = model.model.language_model
     text_params = sum(p.numel() for p in lm.parameters()) - lm.embed_tokens.weight.numel()
@@ -211,7 +219,8 @@ def matmul_rate(device: str, dtype: torch.dtype, n: int = 4096, repeats: int = 5
 
 def throughput(geometry: Geometry, n_samples: int = 96, batch_size: int = 8, repeats: int = 5,
                device: str = "cpu", dtype: torch.dtype = torch.float32, attn: str = "sdpa",
-               gradient_checkpointing: bool = False, seed: int = 0, progress=None) -> dict:
+               gradient_checkpointing: bool = False, seed: int = 0,
+               progress: Callable[[str], None] | None = None) -> dict:
     """Padded vs packed training passes over the same samples, alternating, `repeats` rounds."""
     model = build_model(geometry, attn=attn, dtype=dtype, device=device, seed=seed)
     if gradient_checkpointing:
@@ -292,7 +301,8 @@ def cost_growth(geometry: Geometry, device: str = "cpu", dtype: torch.dtype = to
     return {"by_tokens": by_tokens, "by_images": by_images, "image_tokens": num_image_tokens(geometry.vision)}
 
 
-def loader_rates(dataset, collator, batch_size: int = 16, workers: tuple[int, ...] = (0, 1, 2),
+def loader_rates(dataset: Dataset, collator: Callable[[list[dict]], dict], batch_size: int = 16,
+                 workers: tuple[int, ...] = (0, 1, 2),
                  batches: int = 20) -> list[dict]:
     """Samples per second that dataset + collator deliver with 0, 1, 2 DataLoader workers."""
     from torch.utils.data import DataLoader, RandomSampler
@@ -308,7 +318,8 @@ def loader_rates(dataset, collator, batch_size: int = 16, workers: tuple[int, ..
     return rates
 
 
-def step_rate(model, dataset, collator, batch_size: int = 16, steps: int = 5) -> float:
+def step_rate(model: nn.Module, dataset: Dataset, collator: Callable[[list[dict]], dict], batch_size: int = 16,
+              steps: int = 5) -> float:
     """Samples per second the training step consumes (batches collated beforehand, one warm-up step)."""
     param = next(model.parameters())
     items = [dataset[i % len(dataset)] for i in range((steps + 1) * batch_size)]
@@ -329,17 +340,3 @@ def format_throughput(result: dict, markdown: bool = False) -> str:
              f"{result['speedup_vs_reference'][name]:.2f}x", f"{m['mfu']:.1%}"]
             + ([f"{m['peak_memory_gb']:.1f}"] if peak else []) for name, m in result["modes"].items()]
     return render_table(header, body, markdown)
-
-
-def zero_memory_gb(params: int, gpus: int, stage: int) -> float:
-    """Model-state memory per GPU for mixed-precision Adam: 2 bytes weights + 2 grads + 12 optimizer
-    (fp32 master weights, momentum, variance), partitioned over `gpus` by ZeRO stage 0-3 (Rajbhandari et
-    al. 2020, sec. 5). Activations and buffers come on top."""
-    weights, grads, optim = 2 * params, 2 * params, 12 * params
-    if stage >= 1:
-        optim /= gpus
-    if stage >= 2:
-        grads /= gpus
-    if stage >= 3:
-        weights /= gpus
-    return (weights + grads + optim) / 2 ** 30
