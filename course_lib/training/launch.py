@@ -8,7 +8,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # course_lib/training/launch.py -> the repository
 
 
 class LaunchError(RuntimeError):
