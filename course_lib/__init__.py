@@ -1,4 +1,4 @@
-"""course_lib: the support library of the LLaVA course (build, data, training, inference, plots)."""
+"""course_lib: the support library of the LLaVA course. The map of its rooms: notebooks/README.md."""
 
 __version__ = "0.1.0"
 
@@ -7,14 +7,11 @@ def _prefer_quiet_pil_image_processors() -> None:
     """Without torchvision (CPU machines have no build of it) transformers falls back to its PIL image
     processors and warns once per process; resolve the fallback here, quietly, so learners see no noise."""
     import transformers
-    from transformers.utils import logging
 
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
+    from course_lib.util.quiet import quiet_transformers
+
+    with quiet_transformers():
         transformers.CLIPImageProcessor  # noqa: B018  (the lookup performs the fallback)
-    finally:
-        logging.set_verbosity(level)
 
 
 _prefer_quiet_pil_image_processors()

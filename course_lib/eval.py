@@ -29,6 +29,7 @@ from course_lib.data.images import load_image, resolve_image_path
 from course_lib.data.records import DataError, locate_data, read_records, record_id, to_sample
 from course_lib.serving.generation import GenerationSettings, generate_replies
 from course_lib.serving.loading import LoadedModel, LoadError, load_trained
+from course_lib.util.tables import render_table
 
 ARTICLES = {"a", "an", "the"}
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
@@ -140,9 +141,7 @@ def format_table(reports: Sequence[dict]) -> str:
              *(f"{100 * r['by_type'][t]['accuracy']:.1f}%" if t in r["by_type"] else "-" for r in reports)]
             for t in types]
     body.append([ALL, str(reports[0]["n"]), *(f"{100 * r['accuracy']:.1f}%" for r in reports)])
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
-                     for row in [header, *body])
+    return render_table(header, body)
 
 
 def main(argv: list[str] | None = None) -> int:

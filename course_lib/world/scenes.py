@@ -11,8 +11,6 @@ Everything here is deterministic given a seed. `data_scripts/make_shapes.py` is 
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from course_lib.data.records import IMAGE_TOKEN
+from course_lib.util.files import atomic_write_json
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
@@ -198,12 +197,6 @@ def _save(img: Image.Image, folder: Path, name: str) -> str:
     return name
 
 
-def _atomic_json(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def write_world(out: Path, spec: WorldSpec) -> dict[str, int]:
     """Write pretrain/ (chat.json + images_dl/), instruct/ and eval/ under `out`. Returns sizes."""
     rng = random.Random(spec.seed)
@@ -220,7 +213,7 @@ def write_world(out: Path, spec: WorldSpec) -> dict[str, int]:
         records.append({"id": f"pre_{i:06d}", "image": name, "conversations": [
             {"from": "human", "value": f"Give a brief description of the image.\n{IMAGE_TOKEN}"},
             {"from": "gpt", "value": caption(scene)}]})
-    _atomic_json(records, pre / "chat.json")
+    atomic_write_json(pre / "chat.json", records, indent=1)
     sizes["pretrain"] = len(records)
 
     for part, n in (("instruct", spec.n_instruct), ("eval", spec.n_eval)):
@@ -246,7 +239,7 @@ def write_world(out: Path, spec: WorldSpec) -> dict[str, int]:
                 turns = rng.sample(qs, min(len(qs), 1 if part == "eval" else rng.randint(1, spec.max_turns)))
                 conv = _conv([(q, a) for _, q, a in turns], 1)
                 records.append(_record(sid, part, turns[0][0], turns[0][2], name, conv, (scene,)))
-        _atomic_json(records, folder / f"{part}.json")
+        atomic_write_json(folder / f"{part}.json", records, indent=1)
         sizes[part] = len(records)
     return sizes
 
