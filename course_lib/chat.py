@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from course_lib.data.images import ImageError, load_image
+from course_lib.data.records import IMAGE_TOKEN
 from course_lib.serving.generation import GenerationSettings, assistant_message, prepare_inputs, user_message
 from course_lib.serving.loading import LoadedModel, LoadError, load_trained
 
@@ -101,6 +102,10 @@ class Chat:
 
     def turn(self, text: str, images: Iterable[Image.Image | str | Path] = ()) -> tuple[list[dict], list]:
         """The messages and images the next prompt would be built from (the history is not changed)."""
+        placeholder = getattr(self.loaded.processor, "image_token", IMAGE_TOKEN)
+        if placeholder in text:  # it would become image slots with no image behind them
+            raise ValueError(f"the message contains {placeholder}, the image placeholder; attach images "
+                             "instead (/image PATH, or the upload button)")
         new = [image if isinstance(image, Image.Image) else load_image(image) for image in images]
         return [*self.messages, user_message(text, len(new))], [*self.images, *new]
 
@@ -175,7 +180,7 @@ def interact(chat: Chat, lines: Iterable[str], pending: list[Image.Image], out: 
         else:
             try:
                 _say(chat, line, pending, out)
-            except GenerationTimeout as error:  # the turn is not kept; the conversation goes on
+            except (GenerationTimeout, ValueError) as error:  # the turn is not kept; the conversation goes on
                 print(f"\nerror: {error}", file=err)
             pending.clear()
 

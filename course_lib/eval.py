@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best one present)")
     args = parser.parse_args(argv)
     try:
+        if args.limit is not None and args.limit < 1:  # a negative slice would drop records silently
+            raise DataError("limit", f"--limit {args.limit}: expected a number of records, at least 1")
         items = load_items(args.data, args.images, args.limit)
         reports = [evaluate(load_trained(folder, device=args.device), items, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens) for folder in args.models]

@@ -189,3 +189,13 @@ def test_greedy_is_greedy_whatever_the_checkpoint_generation_config_asks(loaded,
             new.append(token)
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     assert answer == [loaded.processor.tokenizer.decode(new, skip_special_tokens=True)]
+
+
+def test_typing_the_image_placeholder_is_an_error_line_and_the_session_goes_on(loaded, images):
+    """`<image>` typed in a message used to crash the interactive session (and lose its history)."""
+    out, err = io.StringIO(), io.StringIO()
+    chat = Chat(loaded, GenerationSettings(max_new_tokens=8))
+    interact(chat, [f"/image {images[0][0]}", "Describe it.", "What is <image> here?", "And now?"], [], out, err)
+    assert "error: the message contains <image>, the image placeholder" in err.getvalue()
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]  # two turns kept
+    assert len(chat.images) == 1

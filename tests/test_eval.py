@@ -153,3 +153,13 @@ def test_eval_cli_errors_name_the_problem(tmp_path, empty_llava, capsys):
     err = capsys.readouterr().err  # refused before any model is loaded: no progress bar was drawn
     assert err.startswith("error: sample 'x8'") and f"{tmp_path.resolve() / 'a.png'} does not exist" in err
     assert load_items(tmp_path / "gone.json", tmp_path, limit=0) == []
+
+
+@pytest.mark.parametrize("limit", ["-1", "0"])
+def test_eval_limit_below_one_is_one_line_not_a_silent_drop(limit, hand_checked, empty_llava, capsys):
+    """`--limit -1` used to slice records[:-1]: the last record silently left out of the score."""
+    data, images = hand_checked
+    assert eval_module.main(["--model", str(empty_llava[0]), "--data", str(data), "--images", str(images),
+                             "--limit", limit]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--limit {limit}: expected a number of records, at least 1" in err
