@@ -9,13 +9,14 @@ other servers expect.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from course_lib.serving.loading import LoadError, load_trained
+from course_lib.serving.loading import PREPROCESSING_FILE, LoadError, load_trained
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -24,11 +25,19 @@ if TYPE_CHECKING:
 def merge_lora(adapter_dir: str | Path, out: str | Path) -> LlavaForConditionalGeneration:
     """Load base + adapter (the base found from the adapter's own config), fold the LoRA deltas into the
     weights, save model and processor to `out` as safetensors; returns the merged model."""
+    from course_lib.training.checkpoints import publish_model
+
     loaded = load_trained(adapter_dir, device="cpu", dtype=torch.float32, merge_lora=True)
     if loaded.kind != "lora":
         raise LoadError(f"--model {adapter_dir}: not a LoRA output (no adapter_config.json); nothing to merge")
-    loaded.model.save_pretrained(out)
-    loaded.processor.save_pretrained(out)
+    out = Path(out)
+    staging = out / ".merge.partial"
+    staging.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(staging)
+    loaded.processor.save_pretrained(staging)
+    # How training prepared images travels with the model (pad_to_square, tiling), as in the adapter folder.
+    (staging / PREPROCESSING_FILE).write_text(json.dumps(loaded.preprocessing, indent=1))
+    publish_model(staging, out)  # an earlier output in `out` (an adapter, say) is replaced, not shadowing
     return loaded.model
 
 

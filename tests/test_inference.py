@@ -214,3 +214,38 @@ def test_images_are_bounded_and_bad_ones_named(tiny_world, tmp_path):
         assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
     with pytest.raises(ImageError, match="over the limit of 1,000"):
         load_image(good, max_pixels=1000)
+
+
+@pytest.mark.parametrize("old, new", [("lora", "full"), ("full", "lora"), ("lora", "merged"), ("merged", "lora")])
+def test_an_output_written_over_another_kind_replaces_it_whole(old, new, trained, tmp_path):
+    """Publishing a model into a folder that held another kind of output leaves only the new one: a stale
+    adapter_config.json next to a new full model made every loader serve the old LoRA."""
+    from course_lib.training.checkpoints import MODEL_FILES, publish_model
+
+    out = tmp_path / "out"
+    shutil.copytree(trained[old], out, ignore=shutil.ignore_patterns("checkpoint-*", ".final.partial"))
+    (out / "training_summary.json").write_text("{}")  # not a model file: kept
+    staging = out / ".final.partial"
+    shutil.copytree(trained[new], staging, ignore=shutil.ignore_patterns("checkpoint-*", ".final.partial"))
+    removed = publish_model(staging, out)
+    kept = {"training_summary.json", "README.md"} & {p.name for p in out.iterdir()}  # not model files: kept
+    expected = {p.name for p in trained[new].iterdir() if p.is_file()} | kept
+    assert {p.name for p in out.iterdir()} == expected and not staging.exists()
+    assert checkpoint_kind(out) == checkpoint_kind(trained[new])
+    old_files = {p.name for p in trained[old].iterdir() if p.is_file()}
+    new_files = {p.name for p in trained[new].iterdir() if p.is_file()}
+    assert set(removed) == {f for f in old_files - new_files if f in MODEL_FILES} != set()
+
+
+def test_merge_into_a_lora_folder_replaces_it_and_keeps_the_image_preprocessing(trained, tmp_path):
+    from course_lib.merge import main as merge_main
+    from course_lib.serving.loading import read_preprocessing
+
+    lora = tmp_path / "lora"
+    shutil.copytree(trained["lora"], lora, ignore=shutil.ignore_patterns("checkpoint-*", ".final.partial"))
+    (lora / "image_preprocessing.json").write_text(json.dumps({"pad_to_square": True, "image_tiling": 0}))
+    out = tmp_path / "out"
+    shutil.copytree(trained["lora"], out, ignore=shutil.ignore_patterns("checkpoint-*", ".final.partial"))
+    assert merge_main(["--model", str(lora), "--out", str(out)]) == 0
+    assert checkpoint_kind(out) == "full" and not (out / "adapter_config.json").exists()
+    assert read_preprocessing(out) == {"pad_to_square": True, "image_tiling": 0}

@@ -18,6 +18,30 @@ if TYPE_CHECKING:
     from transformers import ProcessorMixin, Trainer
 
 SUMMARY = "training_summary.json"  # written last: its presence marks a finished run
+# The files that make a folder a model for the loaders (course_lib.serving.loading, vLLM, from_pretrained).
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors",
+               "adapter_model.bin", "partial_lora.safetensors", "partial_lora.json", PROJECTOR_FILE, PREPROCESSING_FILE)
+MODEL_SHARDS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+
+
+def publish_model(staging: Path, out: Path) -> list[str]:
+    """Move a staged model into `out` as a whole; returns the names of the earlier output's files removed.
+
+    Each file is renamed into place (a kill leaves whole files only). Model files that an earlier output left
+    in `out` and the new one does not have are removed first: a full model trained into a folder that held a
+    LoRA output would otherwise sit next to the old adapter_config.json, and every loader would serve the
+    old adapter on its old base. Checkpoints, logs and other files in `out` are left alone.
+    """
+    new = {f.name for f in staging.iterdir()}
+    stale = [f for f in out.iterdir() if f.is_file() and f.name not in new
+             and (f.name in MODEL_FILES or any(f.match(g) for g in MODEL_SHARDS))]
+    for f in stale:
+        f.unlink()
+    for f in staging.iterdir():
+        os.replace(f, out / f.name)
+    shutil.rmtree(staging)
+    return sorted(f.name for f in stale)
 
 
 def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
@@ -67,9 +91,7 @@ def save_outputs(trainer: Trainer, processor: ProcessorMixin, margs: ModelArgume
              for k, v in base.model.multi_modal_projector.state_dict().items()}
     if margs.stage == "pretrain" or margs.train_type != "use_lora":
         save_file(state, str(staging / PROJECTOR_FILE), metadata={"format": "pt", "module": PROJECTOR})
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)
-    shutil.rmtree(staging)
+    publish_model(staging, out)
 
 
 def format_summary(summary: dict) -> str:
