@@ -249,3 +249,19 @@ def test_merge_into_a_lora_folder_replaces_it_and_keeps_the_image_preprocessing(
     assert merge_main(["--model", str(lora), "--out", str(out)]) == 0
     assert checkpoint_kind(out) == "full" and not (out / "adapter_config.json").exists()
     assert read_preprocessing(out) == {"pad_to_square": True, "image_tiling": 0}
+
+
+def test_pickled_weights_are_refused_not_loaded(trained, tmp_path):
+    """Safetensors only: a folder with pytorch_model.bin (or adapter_model.bin) alone is a LoadError."""
+    full = tmp_path / "full"
+    shutil.copytree(trained["full"], full)
+    state = LlavaForConditionalGeneration.from_pretrained(full).state_dict()
+    (full / "model.safetensors").unlink()
+    torch.save(state, full / "pytorch_model.bin")
+    with pytest.raises(LoadError, match="no model.safetensors .found pytorch_model.bin: pickled weights"):
+        load_trained(full, device="cpu")
+    lora = tmp_path / "lora"
+    shutil.copytree(trained["lora"], lora, ignore=shutil.ignore_patterns("checkpoint-*", ".final.partial"))
+    (lora / "adapter_model.safetensors").rename(lora / "adapter_model.bin")
+    with pytest.raises(LoadError, match="no adapter_model.safetensors"):
+        load_trained(lora, device="cpu")

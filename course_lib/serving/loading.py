@@ -148,8 +148,11 @@ def load_trained(
     weights = base_path if kind == "lora" else path
     if kind == "lora" and checkpoint_kind(base_path) != "full":
         raise LoadError(f"{path}: base {base_path} is itself an adapter; expected a full LLaVA folder")
+    _require_safetensors(weights, ("model.safetensors", "model.safetensors.index.json"))
+    if kind == "lora":
+        _require_safetensors(path, ("adapter_model.safetensors",))
     with quiet_transformers(progress_bars=False):
-        model = LlavaForConditionalGeneration.from_pretrained(weights, dtype=dtype)  # safetensors only
+        model = LlavaForConditionalGeneration.from_pretrained(weights, dtype=dtype, use_safetensors=True)
         if kind == "lora":
             from peft import PeftModel
 
@@ -164,6 +167,14 @@ def load_trained(
     model.to(device).eval()
     return LoadedModel(model=model, processor=processor, kind=kind, path=path, base=base_path,
                        preprocessing=read_preprocessing(path, base_path))
+
+
+def _require_safetensors(folder: Path, names: tuple[str, ...]) -> None:
+    """Safetensors only: a pickled checkpoint (pytorch_model.bin, adapter_model.bin) is refused, never read."""
+    if not any((folder / name).is_file() for name in names):
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        raise LoadError(f"{folder}: no {names[0]}" + (f" (found {', '.join(pickled)}: pickled weights are not "
+                                                      "loaded; convert them to safetensors)" if pickled else ""))
 
 
 def read_preprocessing(path: Path, base: Path | None = None) -> dict:
