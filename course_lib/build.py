@@ -126,7 +126,8 @@ def build_llava(vision: str, llm: str, out: str | Path | None = None, *, seed: i
 
     tokenizer = AutoTokenizer.from_pretrained(src.llm)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        # Added to, not replacing, the checkpoint's own special tokens (Qwen2.5 lists 13 more, <|im_start|> among them).
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
     tokenizer.pad_token = "<|endoftext|>"  # Qwen's padding token; never <|im_end|>, which carries loss
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 

@@ -124,3 +124,12 @@ def test_bad_inputs_get_one_line_errors(tiny_world, tmp_path, vision, llm, expec
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and expected in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_the_image_token_joins_the_checkpoint_special_tokens_instead_of_replacing_them(tiny_world):
+    from transformers import AutoTokenizer
+
+    own = AutoTokenizer.from_pretrained(tiny_world.llm).extra_special_tokens
+    _, processor = build_llava(str(tiny_world.clip), str(tiny_world.llm))
+    assert processor.tokenizer.extra_special_tokens == [*own, "<image>"]
+    assert "<|im_start|>" in processor.tokenizer.all_special_tokens
