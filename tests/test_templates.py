@@ -173,3 +173,18 @@ def test_truncation_never_cuts_an_image(processor, record, per_image, template, 
     assert all(n % per_image == 0 for n in runs), runs  # every run of image tokens is whole images
     assert any(y != IGNORE_INDEX for y in cut.labels[1:])
     assert cut.truncated == (len(full.input_ids) > cap)
+
+
+def test_nfd_text_is_not_a_label_mismatch_for_a_normalising_tokenizer(processor):
+    """Qwen2.5's tokenizer normalises to NFC: an NFD answer decodes composed, and that is still the answer."""
+    from tokenizers import normalizers
+
+    nfc = copy.deepcopy(processor)
+    nfc.tokenizer.backend_tokenizer.normalizer = normalizers.NFC()
+    answer = "cafe\u0301 au lait"  # NFD: e + combining acute accent
+    record = {"id": "nfd", "conversations": [{"from": "human", "value": "What is it?"},
+                                             {"from": "gpt", "value": answer}]}
+    encoder = PromptEncoder(nfc, template="chat")
+    encoded = encoder.encode(to_sample(record, 0))
+    assert "\u00e9" in labelled_spans(encoded.labels, nfc.tokenizer)[0]  # decoded composed
+    encoder.check(encoded)  # no label_mismatch

@@ -24,6 +24,7 @@ spans back and compares them with the answers, character for character (the vali
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -123,7 +124,10 @@ class PromptEncoder:
                  if y not in (t, IGNORE_INDEX)]
         if wrong:
             raise DataError("label_mismatch", f"labels differ from input_ids at positions {wrong[:5]}")
-        spans, expected = labelled_spans(encoded.labels, self.tokenizer), list(encoded.expected)
+        # Compared in NFC: Qwen's tokenizer normalises text to NFC, so an NFD "é" (e + combining accent) in the
+        # data decodes as the one code point; that is the same answer, not a wrong label.
+        spans = [unicodedata.normalize("NFC", t) for t in labelled_spans(encoded.labels, self.tokenizer)]
+        expected = [unicodedata.normalize("NFC", t) for t in encoded.expected]
         if spans != expected:
             k = next(k for k in range(max(len(spans), len(expected))) if spans[k:k + 1] != expected[k:k + 1])
             raise DataError("label_mismatch", f"labelled span {k} decodes to {spans[k:k + 1]}, "
