@@ -298,3 +298,17 @@ def test_validate_takes_a_processor_folder_this_project_saved(tmp_path, empty_ll
     data.write_text(json.dumps([{"id": "t", "conversations": [{"from": "human", "value": "Hi"},
                                                               {"from": "gpt", "value": "Hello."}]}]))
     assert main(["validate", "--data", str(data), "--processor", str(folder)]) == 0
+
+
+def test_xtuner_llava_data_with_from_value_turns_under_conversation():
+    """xtuner's LLaVA data layout (the InternVL/xtuner course notes) puts LLaVA turns under the singular key
+    `conversation`; its internal layout puts input/output rounds there. Both read as the same messages."""
+    from course_lib.data.records import to_sample
+
+    turns = [{"from": "human", "value": "<image>\n第1个问题。"}, {"from": "gpt", "value": "第1个回答"},
+             {"from": "human", "value": "第2个问题。"}, {"from": "gpt", "value": "第2个回答"}]
+    llava_style = to_sample({"id": "a", "image": "x.jpg", "conversation": turns}, 0)
+    rounds = to_sample({"id": "a", "image": "x.jpg", "conversation": [
+        {"input": "<image>\n第1个问题。", "output": "第1个回答"}, {"input": "第2个问题。", "output": "第2个回答"}]}, 0)
+    assert llava_style == rounds
+    assert [m["role"] for m in llava_style.messages] == ["user", "assistant", "user", "assistant"]

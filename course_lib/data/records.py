@@ -4,6 +4,7 @@ Accepted record shapes (one per sample; `image` is a path, a list of paths, or a
 
     LLaVA       {"id", "image", "conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}
     xtuner      {"id", "image", "conversation": [{"system"?: str, "input": str, "output": str}, ...]}
+                (or LLaVA's {"from", "value"} turns under "conversation": xtuner's LLaVA data layout)
     messages    {"id", "images"|"image", "messages": [{"role": "user"|"assistant"|"system", "content": ...}]}
 
 `content` in the messages format is a string or a list of {"type": "text", "text"} / {"type": "image"}
@@ -132,7 +133,9 @@ def _messages(record: dict) -> list[dict]:
     if keys[0] == "messages":
         return [{"role": _role(t.get("role"), i), "content": _content_text(t.get("content"), f"message {i}")}
                 for i, t in enumerate(turns)]
-    messages = []  # xtuner: rounds of {"system"?, "input", "output"}
+    if all("from" in t and "value" in t for t in turns):  # xtuner's LLaVA data: LLaVA turns under "conversation"
+        return [_llava_turn(t, i) for i, t in enumerate(turns)]
+    messages = []  # xtuner's internal format: rounds of {"system"?, "input", "output"}
     for i, rnd in enumerate(turns):
         if "system" in rnd:
             messages.append({"role": "system", "content": _text(rnd["system"], f"round {i} system")})
