@@ -19,8 +19,9 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+from course_lib.data.image_tokens import image_token_count
 from course_lib.lessons.scoreboard import plot_loss_curves
-from course_lib.training.arguments import log, parse_args, precision
+from course_lib.training.arguments import check_tiling_fits, log, parse_args, precision
 from course_lib.training.checkpoints import SUMMARY, format_summary, latest_complete_checkpoint, save_outputs
 from course_lib.training.trainable import TrainSetupError, prepare_model
 from course_lib.training.trainer import load_for_training, make_trainer
@@ -43,6 +44,7 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
 
     set_seed(targs.seed)  # before LoRA's random init, so a run (and its resume) is reproducible
     model, processor = load_for_training(margs, dtype)
+    check_tiling_fits(dargs, image_token_count(processor))
     model.config.text_config.use_cache = False  # no KV cache in training (one also disables packed masks)
     model = prepare_model(model, margs.stage, margs.train_type, margs.lora_r, margs.lora_alpha, margs.lora_dropout,
                           gradient_checkpointing=targs.gradient_checkpointing)

@@ -324,3 +324,16 @@ def _projector_file(tmp_path, empty_llava):
     path = tmp_path / "projector.safetensors"
     save_file({k: v.contiguous() for k, v in empty_llava[1].model.multi_modal_projector.state_dict().items()}, path)
     return path
+
+
+def test_tiling_that_cannot_fit_the_max_length_is_refused_up_front():
+    """CLIP-L/336: 576 tokens a tile; --image_tiling 4 makes up to 5 images = 2880 tokens > 2048, and every
+    image sample would have been dropped as too long."""
+    from course_lib.training.arguments import DataArguments, check_tiling_fits
+    from course_lib.training.trainable import TrainSetupError
+
+    with pytest.raises(TrainSetupError, match=r"--image_tiling 4: .* 2880 tokens .* over --model_max_length 2048; "
+                                              r"raise --model_max_length to at least 2944 or use --image_tiling 2"):
+        check_tiling_fits(DataArguments(image_tiling=4, model_max_length=2048), 576)
+    check_tiling_fits(DataArguments(image_tiling=2, model_max_length=2048), 576)  # 3 x 576 = 1728 fits
+    check_tiling_fits(DataArguments(image_tiling=0, model_max_length=100), 576)  # off: nothing to check

@@ -166,3 +166,18 @@ def log(msg: str) -> None:
     """One line from rank 0 only (every rank runs the same code under DeepSpeed)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[course_lib.train] {msg}", flush=True)
+
+
+def check_tiling_fits(dargs: DataArguments, tokens_per_image: int) -> None:
+    """With `--image_tiling N` one image can become N tiles + a thumbnail: at CLIP-L/336's 576 tokens a tile,
+    N = 4 is 2880 tokens, over a 2048 `--model_max_length`, and every such sample would be dropped as too
+    long. Refuse up front, naming both flags, instead of training on what is left."""
+    if not dargs.image_tiling:
+        return
+    worst = (dargs.image_tiling + 1) * tokens_per_image
+    if worst > dargs.model_max_length:
+        fits = max(dargs.model_max_length // tokens_per_image - 1, 0)
+        raise TrainSetupError(f"--image_tiling {dargs.image_tiling}: one image can take {dargs.image_tiling} tiles + a "
+                              f"thumbnail = {worst} tokens ({tokens_per_image} each), over --model_max_length "
+                              f"{dargs.model_max_length}; raise --model_max_length to at least {worst + 64} or use "
+                              f"--image_tiling {fits} or less" + (" (0 = off)" if fits <= 1 else ""))
