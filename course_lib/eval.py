@@ -122,10 +122,10 @@ def predict(loaded: LoadedModel, items: Sequence[EvalItem], batch_size: int = 8,
     return rows
 
 
-def evaluate(loaded: LoadedModel, items: Sequence[EvalItem], **kwargs) -> dict:
-    """A report: the scores (overall and `by_type`) and every prediction."""
-    rows = predict(loaded, items, **kwargs)
-    generation = GenerationSettings(max_new_tokens=kwargs.get("max_new_tokens", MAX_NEW_TOKENS)).as_dict()
+def evaluate(loaded: LoadedModel, items: Sequence[EvalItem], max_new_tokens: int = MAX_NEW_TOKENS, **kwargs) -> dict:
+    """A report: the scores (overall and `by_type`), the generation settings used, and every prediction."""
+    rows = predict(loaded, items, max_new_tokens=max_new_tokens, **kwargs)
+    generation = GenerationSettings(max_new_tokens=max_new_tokens).as_dict()
     return {"model": str(loaded.path), "kind": loaded.kind, **score(rows), "generation": generation,
             "predictions": rows}
 
