@@ -11,7 +11,6 @@ pretrained weights, copied into transformers' current Llava layout (`model.model
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 from course_lib.data.image_tokens import num_image_tokens
 from course_lib.data.records import IMAGE_TOKEN
 from course_lib.model.chat_template import LLAVA_QWEN_TEMPLATE
+from course_lib.util.cli import Parser, UserError, command
 from course_lib.util.quiet import quiet_transformers
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 SUPPORTED_LLMS = ("qwen2",)
 
 
-class BuildError(ValueError):
+class BuildError(UserError, ValueError):
     """A user-facing problem with the inputs of `build_llava`: printed as one line by the CLI."""
 
 
@@ -184,19 +184,16 @@ def build_llava(vision: str, llm: str, out: str | Path | None = None, *, seed: i
     return model, processor
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.build", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m course_lib.build", description=__doc__.split("\n")[0])
     parser.add_argument("--vision", default="tiny", help="CLIP path, hub id, or 'tiny'")
     parser.add_argument("--llm", default="tiny", help="Qwen2/Qwen2.5 path, hub id, or 'tiny'")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    try:
-        model, _ = build_llava(args.vision, args.llm, args.out, seed=args.seed, dtype=args.dtype)
-    except BuildError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, _ = build_llava(args.vision, args.llm, args.out, seed=args.seed, dtype=args.dtype)
     n = sum(p.numel() for p in model.parameters())
     print(f"saved an empty LLaVA ({n / 1e6:.2f}M parameters) to {args.out}")
     return 0

@@ -27,13 +27,17 @@ from PIL import Image
 from course_lib.data.images import ImageError, load_image
 from course_lib.data.records import IMAGE_TOKEN
 from course_lib.serving.generation import GenerationSettings, assistant_message, prepare_inputs, user_message
-from course_lib.serving.loading import LoadedModel, LoadError, load_trained
+from course_lib.serving.loading import LoadedModel, load_trained
+from course_lib.util.cli import Parser, UserError, command
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_TIMEOUT_S = 120.0  # per token; the first one also waits for the prompt's forward pass
+# No tokenizer spends more than this many characters on one token on average in real text: a message longer
+# than context x this cannot fit, and is refused before the tokenizer sees it.
+CHARS_PER_TOKEN_BOUND = 32
 
 
 class GenerationTimeout(TimeoutError):
@@ -106,8 +110,17 @@ class Chat:
         if placeholder in text:  # it would become image slots with no image behind them
             raise ValueError(f"the message contains {placeholder}, the image placeholder; attach images "
                              "instead (/image PATH, or the upload button)")
+        limit = self.context_length * CHARS_PER_TOKEN_BOUND
+        if len(text) > limit:  # refused before tokenizing: a pasted book costs no minutes and no RAM
+            raise ValueError(f"the message is {len(text):,} characters, more than this model's context of "
+                             f"{self.context_length} tokens can hold (at most {limit:,}); shorten it")
         new = [image if isinstance(image, Image.Image) else load_image(image) for image in images]
         return [*self.messages, user_message(text, len(new))], [*self.images, *new]
+
+    @property
+    def context_length(self) -> int:
+        """How many tokens the language model attends over: prompt, history and answer together."""
+        return self.loaded.model.config.text_config.max_position_embeddings
 
     def stream(self, text: str, images: Iterable[Image.Image | str | Path] = (), **settings) -> Iterator[str]:
         """Yield the answer as it is generated; `settings` override GenerationSettings fields for this turn."""
@@ -115,6 +128,10 @@ class Chat:
         model, processor = self.loaded.model, self.loaded.processor
         inputs = prepare_inputs(processor, [messages], [all_images], self.loaded.device, self.loaded.dtype,
                                 **self.loaded.preprocessing)
+        prompt, wanted = inputs["input_ids"].shape[1], settings.get("max_new_tokens", self.settings.max_new_tokens)
+        if prompt + wanted > self.context_length:  # refused, not truncated: a cut prompt answers another question
+            raise ValueError(f"the prompt is {prompt} tokens with the conversation so far; with up to {wanted} new "
+                             f"ones it passes the model's context of {self.context_length}; /reset or shorten it")
         pieces = []
         for piece in stream_generate(model, processor.tokenizer, inputs, replace(self.settings, **settings),
                                      self.timeout):
@@ -132,7 +149,7 @@ HELP = "commands: /image PATH adds an image to your next message, /reset starts 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.chat", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m course_lib.chat", description=__doc__.split("\n")[0])
     parser.add_argument("--model", "--model_name_or_path", dest="model", required=True,
                         help="a trained output folder: full, merged, or LoRA adapter")
     parser.add_argument("--image", action="append", default=[], help="an image for the (first) prompt; repeatable")
@@ -185,15 +202,15 @@ def interact(chat: Chat, lines: Iterable[str], pending: list[Image.Image], out: 
             pending.clear()
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        images = [load_image(path) for path in args.image]  # bad images fail before the slow model load
+    try:  # bad images and settings fail before the slow model load
+        images = [load_image(path) for path in args.image]
         settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.do_sample)
-        loaded = load_trained(args.model, device=args.device)
-    except (ImageError, LoadError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    loaded = load_trained(args.model, device=args.device)
     chat = Chat(loaded, settings, system=args.system)
     try:
         if args.prompt is not None:
@@ -201,12 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"chatting with {loaded.path} ({loaded.kind}, {loaded.device}); {HELP}", file=sys.stderr)
             interact(chat, sys.stdin, images)
-    except GenerationTimeout as error:
-        print(f"\nerror: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C ends the chat, without a traceback
-        print(file=sys.stderr)
-        return 130
+    except (GenerationTimeout, ValueError) as error:  # a prompt too long for the context, say
+        raise UserError(str(error)) from None
     return 0
 
 

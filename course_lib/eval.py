@@ -14,8 +14,6 @@ give the train-type comparison: one column each.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import string
 import sys
@@ -26,9 +24,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from course_lib.data.images import load_image, resolve_image_path
-from course_lib.data.records import DataError, locate_data, read_records, record_id, to_sample
+from course_lib.data.records import DataError, duplicate_ids, locate_data, read_records, record_id, to_sample
 from course_lib.serving.generation import GenerationSettings, generate_replies
-from course_lib.serving.loading import LoadedModel, LoadError, load_trained
+from course_lib.serving.loading import LoadedModel, load_trained
+from course_lib.util.cli import Parser, UserError, command
+from course_lib.util.files import atomic_write_json, check_writable
 from course_lib.util.tables import render_table
 
 ARTICLES = {"a", "an", "the"}
@@ -79,6 +79,10 @@ def load_items(data_path: str | Path, image_folder: str | Path | None = None,
     a DataError naming it, raised before any model is loaded."""
     data_file, image_folder = locate_data(data_path, image_folder)
     records = read_records(data_file)
+    repeated = duplicate_ids(records)
+    if repeated:  # answers are joined to records by id: a repeated one would score the wrong answer
+        raise DataError("duplicate_id", f"{data_file}: {len(repeated)} ids are used more than once (first: "
+                                        f"{repeated[0]!r}); an eval set needs unique ids")
     items = []
     for index, record in enumerate(records[:limit] if limit is not None else records):
         try:
@@ -144,8 +148,9 @@ def format_table(reports: Sequence[dict]) -> str:
     return render_table(header, body)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.eval", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m course_lib.eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", "--model_name_or_path", dest="models", action="append", required=True,
                         help="a trained output folder (full, merged or LoRA); repeat to compare several")
     parser.add_argument("--data", "--data_path", dest="data", required=True,
@@ -158,19 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best one present)")
     args = parser.parse_args(argv)
-    try:
-        if args.limit is not None and args.limit < 1:  # a negative slice would drop records silently
-            raise DataError("limit", f"--limit {args.limit}: expected a number of records, at least 1")
-        items = load_items(args.data, args.images, args.limit)
-        reports = [evaluate(load_trained(folder, device=args.device), items, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens) for folder in args.models]
-    except (DataError, LoadError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    for flag in ("limit", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:  # a negative --limit slice would drop records silently
+            raise UserError(f"--{flag} {value}: expected a positive number")
+    if args.out:  # found now, not after the whole evaluation
+        check_writable(Path(args.out), "--out")
+    items = load_items(args.data, args.images, args.limit)
+    reports = [evaluate(load_trained(folder, device=args.device), items, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens) for folder in args.models]
     print(format_table(reports))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"data": args.data, "n": len(items), "models": reports}, indent=1))
+        atomic_write_json(Path(args.out), {"data": args.data, "n": len(items), "models": reports})
         print(f"report written to {args.out}")
     return 0
 

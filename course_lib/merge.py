@@ -8,7 +8,6 @@ other servers expect.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from course_lib.serving.loading import PREPROCESSING_FILE, LoadError, load_trained
+from course_lib.util.cli import Parser, command
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -41,16 +41,13 @@ def merge_lora(adapter_dir: str | Path, out: str | Path) -> LlavaForConditionalG
     return loaded.model
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.merge", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m course_lib.merge", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a use_lora output folder")
     parser.add_argument("--out", required=True, help="where to write the merged LLaVA")
     args = parser.parse_args(argv)
-    try:
-        merge_lora(args.model, args.out)
-    except LoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    merge_lora(args.model, args.out)
     print(f"merged LLaVA saved to {args.out}")
     return 0
 

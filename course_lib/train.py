@@ -23,8 +23,10 @@ from course_lib.data.image_tokens import image_token_count
 from course_lib.lessons.scoreboard import plot_loss_curves
 from course_lib.training.arguments import check_tiling_fits, log, parse_args, precision
 from course_lib.training.checkpoints import SUMMARY, format_summary, latest_complete_checkpoint, save_outputs
-from course_lib.training.trainable import TrainSetupError, prepare_model
-from course_lib.training.trainer import load_for_training, make_trainer
+from course_lib.training.safe_loading import weights_only_loading
+from course_lib.training.trainable import prepare_model
+from course_lib.training.trainer import load_model, load_processor, make_trainer
+from course_lib.util.cli import command
 
 # Printed once per step per rank by DeepSpeed's ZeRO-2 gradient all-gather on recent torch: noise.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
@@ -43,15 +45,17 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     from transformers import set_seed
 
     set_seed(targs.seed)  # before LoRA's random init, so a run (and its resume) is reproducible
-    model, processor = load_for_training(margs, dtype)
+    # The processor and the data first: a mistake in either costs seconds, not a model load.
+    processor = load_processor(margs)
     check_tiling_fits(dargs, image_token_count(processor))
-    model.config.text_config.use_cache = False  # no KV cache in training (one also disables packed masks)
-    model = prepare_model(model, margs.stage, margs.train_type, margs.lora_r, margs.lora_alpha, margs.lora_dropout,
-                          gradient_checkpointing=targs.gradient_checkpointing)
     template = dargs.template if dargs.template != "auto" else ("plain" if margs.stage == "pretrain" else "chat")
     dataset = LlavaDataset(dargs.data_path, processor, image_folder=dargs.image_folder, template=template,
                            model_max_length=dargs.model_max_length, on_bad_sample=dargs.on_bad_sample,
                            pad_to_square=dargs.pad_to_square, image_tiling=dargs.image_tiling)
+    model = load_model(margs, dtype)
+    model.config.text_config.use_cache = False  # no KV cache in training (one also disables packed masks)
+    model = prepare_model(model, margs.stage, margs.train_type, margs.lora_r, margs.lora_alpha, margs.lora_dropout,
+                          gradient_checkpointing=targs.gradient_checkpointing)
     pad_id = processor.tokenizer.pad_token_id
     # FlashAttention-2 takes one flat row (varlen: no work across samples); SDPA and eager get rows of
     # model_max_length, because their block-diagonal mask is dense and one long row costs T^2.
@@ -71,7 +75,8 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     trainer = make_trainer(model, targs, dataset, collator, margs.projector_lr, callbacks,
                            group_by_modality=dargs.group_by_modality_length)
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    with weights_only_loading():  # DeepSpeed's resume would unpickle in full: code could run
+        result = trainer.train(resume_from_checkpoint=resume)
     save_outputs(trainer, processor, margs, dargs, out)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     summary = {"stage": margs.stage, "train_type": margs.train_type if margs.stage == "finetune" else None,
@@ -88,15 +93,9 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     return summary
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    from course_lib.data.records import DataError
-
-    try:
-        run(argv)
-    except (TrainSetupError, DataError) as err:  # user mistakes: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    run(sys.argv[1:] if argv is None else argv)
     return 0
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 from course_lib.data.image_tokens import image_size
 from course_lib.data.images import MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from course_lib.data.labels import Encoded, PromptEncoder
-from course_lib.data.records import DataError, Sample, locate_data, read_records, record_id, to_sample
+from course_lib.data.records import DataError, Sample, duplicate_ids, locate_data, read_records, record_id, to_sample
 from course_lib.data.tiling import prepare_images, tile_count, tiled_sample
 
 __all__ = ["DataError", "LlavaDataset"]
@@ -62,8 +62,14 @@ class LlavaDataset(torch.utils.data.Dataset):
         records = read_records(self.data_file)
         for index, record in enumerate(records):
             self._add(record, index)
+        if not self.samples:
+            raise DataError("no_good_samples", f"{self.data_file}: none of its {len(records)} records is usable"
+                                               + (f" ({dict(self.stats)}; see the warnings above)" if records else ""))
         if self.stats:
             logger.warning(f"{self.data_file}: kept {len(self)} of {len(records)} samples; {dict(self.stats)}")
+        repeated = duplicate_ids(records)
+        if repeated:  # harmless for training; eval joins answers by id, where it is an error
+            logger.warning(f"{self.data_file}: {len(repeated)} ids are used more than once (first: {repeated[0]!r})")
 
     def _add(self, record, index: int) -> None:
         try:

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100  # what HF's cross-entropy skips
 END_OF_TURN = "<|im_end|>"  # ChatML's end of a turn
 TEMPLATES = ("plain", "chat")
+# About 250k tokens of English, over 100x any context the course trains at; a longer sample is refused
+# before tokenizing (a 50 MB string took 89 s and 7.9 GB of RAM to be found too long).
+MAX_SAMPLE_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class PromptEncoder:
         self.template = template
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.tokens_per_image = image_token_count(processor)
+        self.control_tokens = [token for token in self.tokenizer.all_special_tokens if token != IMAGE_TOKEN]
         if template == "plain" and self.tokenizer.eos_token is None:
             raise DataError("processor", "template='plain' ends captions with the eos token; the tokenizer has none")
         if template == "chat" and (not self.tokenizer.chat_template or END_OF_TURN not in self.tokenizer.get_vocab()):
@@ -68,7 +72,23 @@ class PromptEncoder:
         """Token ids of `text`, each `<image>` expanded to `tokens_per_image` image tokens."""
         return expand_image_tokens(text, self.tokenizer, self.image_token_id, self.tokens_per_image)
 
+    def check_text(self, sample: Sample) -> None:
+        """Raise DataError for text no tokenizer should see: over `MAX_SAMPLE_CHARS` (refused before it costs
+        minutes and gigabytes to tokenize), or holding a control token such as `<|im_end|>`, which the
+        tokenizer would turn into a real turn boundary, so the model would learn a conversation that the
+        data never had."""
+        n_chars = sum(len(message["content"]) for message in sample.messages)
+        if n_chars > MAX_SAMPLE_CHARS:
+            raise DataError("too_long", f"{n_chars:,} characters of text, over the {MAX_SAMPLE_CHARS:,} a sample "
+                                        "may have")
+        for i, message in enumerate(sample.messages):
+            found = next((token for token in self.control_tokens if token in message["content"]), None)
+            if found:
+                raise DataError("control_token", f"turn {i} ({message['role']}) contains {found}, a chat-template "
+                                                 "control token; it would be trained as a real one")
+
     def encode(self, sample: Sample) -> Encoded:
+        self.check_text(sample)
         pieces = self._plain_pieces(sample) if self.template == "plain" else self._chat_pieces(sample)
         input_ids: list[int] = []
         labels: list[int] = []

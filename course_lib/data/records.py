@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from course_lib.util.cli import UserError
+
 IMAGE_TOKEN = "<image>"
 CONVERSATION_KEYS = ("conversations", "conversation", "messages")
 # Keys a record may carry. `type` and `answer` are the tiny world's eval fields; `width`/`height` are
@@ -29,7 +31,7 @@ KNOWN_KEYS = frozenset({"id", "image", "images", *CONVERSATION_KEYS, "type", "an
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A problem with the data, for people: `reason` is the short key counted in `dataset.stats`."""
 
     def __init__(self, reason: str, message: str):
@@ -75,20 +77,39 @@ def locate_data(data_path: str | Path, image_folder: str | Path | None = None) -
 def read_records(path: str | Path) -> list:
     """A JSON list (`[...]`) or JSON Lines (one object per line); a bad file is one DataError line."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError("bad_json", f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                                    f"{err.start}); save it as UTF-8") from None
     if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError("bad_json", f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError("bad_json", f"{path} is not valid JSON Lines (line {lineno}: {err.msg})") from None
-    return records
+        records = _parse(text, path, "JSON")
+        if not isinstance(records, list):
+            raise DataError("bad_json", f"{path}: expected a JSON list of records")
+        return records
+    return [_parse(line, path, "JSON Lines", lineno) for lineno, line in enumerate(text.splitlines(), 1)
+            if line.strip()]
+
+
+def _parse(text: str, path: Path, kind: str, lineno: int = 0):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError("bad_json", f"{path} is not valid {kind} (line {lineno or err.lineno}: {err.msg})") from None
+    except RecursionError:  # Python's parser gives up near 1000 levels; no LLaVA record nests past 5
+        raise DataError("bad_json", f"{path} nests too deeply (line {lineno or 1}); a LLaVA record is "
+                                    "a few levels deep") from None
+
+
+def duplicate_ids(records: list) -> list[str]:
+    """The ids that more than one record carries, in order of first repeat."""
+    seen, repeated = set(), {}
+    for index, record in enumerate(records):
+        sid = record_id(record, index)
+        if sid in seen:
+            repeated[sid] = None
+        seen.add(sid)
+    return list(repeated)
 
 
 def record_id(record: Any, index: int) -> str:

@@ -6,7 +6,8 @@
 `--data` may be a folder holding chat.json (images then default to its images_dl/). Each problem is one
 line, `error|warning  <sample id>  <reason>: <message>`, followed by a summary: counts per reason and a
 histogram of the text tokens per sample. Exit code 1 if there are errors, 0 otherwise, 2 for bad
-arguments. Warnings (training still uses the sample): `unknown_key`, `truncated`. Unusual but valid
+arguments. Warnings (training still uses the sample): `unknown_key`, `truncated`, `duplicate_id` (an
+error for `course_lib.eval`, which joins answers by id). Unusual but valid
 images (RGBA, CMYK, palette, 16-bit, grayscale, 1x1) are not problems: they load as RGB.
 """
 
@@ -22,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 from course_lib.data.images import MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from course_lib.data.labels import TEMPLATES, PromptEncoder
 from course_lib.data.records import DataError, locate_data, read_records, record_id, to_sample, unknown_keys
+from course_lib.util.cli import Parser, UserError, command
 
 if TYPE_CHECKING:
     from transformers import ProcessorMixin
 
-WARNINGS = frozenset({"unknown_key", "truncated"})
+WARNINGS = frozenset({"unknown_key", "truncated", "duplicate_id"})
 
 
 @dataclass
@@ -80,9 +82,13 @@ def check_record(record: Any, index: int, encoder: PromptEncoder, image_folder: 
 
 def validate(data_file: Path, image_folder: Path, processor: ProcessorMixin, template: str = "chat",
              max_length: int = 2048, max_pixels: int = MAX_IMAGE_PIXELS) -> Report:
-    encoder, report = PromptEncoder(processor, template), Report()
+    encoder, report, seen = PromptEncoder(processor, template), Report(), set()
     for index, record in enumerate(read_records(data_file)):
         problems, n_text = check_record(record, index, encoder, image_folder, max_length, max_pixels)
+        sid = record_id(record, index)
+        if sid in seen:  # training does not mind; eval joins answers by id and refuses the file
+            problems.append(DataError("duplicate_id", "this id is used by an earlier record too"))
+        seen.add(sid)
         report.problems += [(record_id(record, index), p.reason, p.message) for p in problems]
         report.text_lengths += [] if n_text is None else [n_text]
         report.n_samples += 1
@@ -113,17 +119,8 @@ def format_report(report: Report, tokens_per_image: int) -> str:
     return "\n".join(lines + histogram(report.text_lengths))
 
 
-class _ArgumentError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of argparse's usage + message
-        raise _ArgumentError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m course_lib.data validate", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m course_lib.data validate", description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="LLaVA .json/.jsonl file, or a folder holding chat.json")
     parser.add_argument("--images", help="image folder (default: images_dl/ next to chat.json, else images/)")
     parser.add_argument("--processor", default="tiny", help="LlavaProcessor folder, or 'tiny' (default)")
@@ -150,20 +147,19 @@ def load_processor(name: str) -> ProcessorMixin:
     return AutoProcessor.from_pretrained(name)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-        if args.model_max_length < 2:
-            raise _ArgumentError(f"--model_max_length {args.model_max_length}: expected at least 2")
-        data_file, image_folder = locate_data(args.data, args.images)
-        if not image_folder.is_dir():
-            raise _ArgumentError(f"--images {image_folder}: no such folder")
-        processor = load_processor(args.processor)
-        report = validate(data_file, image_folder, processor, args.template, args.model_max_length,
-                          args.max_image_pixels)
-    except (_ArgumentError, DataError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    args = _parser().parse_args(argv)
+    if args.model_max_length < 2:
+        raise UserError(f"--model_max_length {args.model_max_length}: expected at least 2")
+    if args.max_image_pixels < 1:
+        raise UserError(f"--max_image_pixels {args.max_image_pixels}: expected a positive pixel count")
+    data_file, image_folder = locate_data(args.data, args.images)
+    if not image_folder.is_dir():
+        raise UserError(f"--images {image_folder}: no such folder")
+    processor = load_processor(args.processor)
+    report = validate(data_file, image_folder, processor, args.template, args.model_max_length,
+                      args.max_image_pixels)
     print(format_report(report, PromptEncoder(processor, args.template).tokens_per_image))
     return 1 if report.n_errors else 0
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from course_lib.prepare import cc3m, llava_instruct, sharegpt4o, textocr
 from course_lib.prepare.archive import DEFAULT_MAX_EXTRACT_GB, GIB
 from course_lib.prepare.convert import prepare
-from course_lib.prepare.errors import InputError
 from course_lib.prepare.sources import LINK_MODES, Placement
+from course_lib.util.cli import Parser, command
 
 DATASETS = {"cc3m": cc3m, "llava_instruct": llava_instruct, "sharegpt4o": sharegpt4o, "textocr": textocr}
 
@@ -55,7 +55,7 @@ def _add_common(parser: argparse.ArgumentParser, repo_id: str, link_default: str
 
 def build_parser() -> argparse.ArgumentParser:
     """One sub-command per dataset, each with the common flags and its own."""
-    parser = argparse.ArgumentParser(prog="python -m course_lib.prepare",
+    parser = Parser(prog="python -m course_lib.prepare",
                                      description="Turn a public dataset into the course's LLaVA format.")
     commands = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     for name, module in DATASETS.items():
@@ -66,17 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """Parse, prepare, and turn an InputError into one `error:` line and exit code 2."""
     args = build_parser().parse_args(argv)
     placement = Placement(link_mode=args.link_mode, max_extract_bytes=int(args.max_extract_gb * GIB))
-    try:
-        recipe = DATASETS[args.dataset].recipe(args)
-        return prepare(args.dataset, recipe, args.output_dir, from_dir=args.from_dir,
-                       max_samples=args.max_samples, placement=placement)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    recipe = DATASETS[args.dataset].recipe(args)
+    return prepare(args.dataset, recipe, args.output_dir, from_dir=args.from_dir,
+                   max_samples=args.max_samples, placement=placement)
 
 
 if __name__ == "__main__":

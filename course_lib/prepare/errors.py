@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from course_lib.util.cli import UserError
 
-class InputError(Exception):
+
+class InputError(UserError):
     """A problem with what the user passed in (a missing file, a bad archive): one `error:` line, exit 2."""
 
 

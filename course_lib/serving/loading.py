@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from course_lib.model.partial_lora import has_partial_lora, load_partial_lora
+from course_lib.util.cli import UserError
 from course_lib.util.quiet import quiet_transformers
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -30,7 +31,7 @@ LLAVA_ARCHITECTURE = "LlavaForConditionalGeneration"
 Kind = Literal["full", "lora"]
 
 
-class LoadError(ValueError):
+class LoadError(UserError, ValueError):
     """A trained-output folder that cannot be loaded: names the folder and what was expected."""
 
 

@@ -4,7 +4,8 @@
     ui               # displays in JupyterLab or Voila
 
 Uploads are checked before use: at most `max_upload_bytes` per file, decodable by Pillow, and at most
-`max_pixels` pixels (read from the header, so a decompression bomb is never decoded). A bad file gets
+`max_pixels` pixels (read from the header, so a decompression bomb is never decoded), and at most
+`max_images_per_message` / `max_images_per_chat` images (extra files are refused with one notice). A bad file gets
 a message in the chat; nothing raises into the notebook. Generation runs in the click handler and
 updates the answer widget token by token; ipykernel sends each update as it happens.
 """
@@ -25,6 +26,8 @@ from course_lib.data.images import MAX_IMAGE_PIXELS, ImageError, load_image
 from course_lib.serving.loading import LoadedModel, find_models, load_trained
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # 20 MiB: a large photo; the browser sends the whole file over the kernel's websocket
+# Every image costs its tokens (576 for CLIP-L/336) in every later turn's prompt: a handful fills a 2048 context.
+MAX_IMAGES_PER_MESSAGE, MAX_IMAGES_PER_CHAT = 4, 8
 THUMBNAIL_PX = 96
 ModelSource = str | Path | LoadedModel
 
@@ -69,7 +72,8 @@ class ChatUI:
     def __init__(self, models: Mapping[str, ModelSource] | Sequence[ModelSource] | None = None,
                  runs_dir: str | Path | Sequence[str | Path] | None = None, *,
                  loader: Callable[[str | Path], LoadedModel] = load_trained,
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_IMAGE_PIXELS):
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
+                 max_images_per_message: int = MAX_IMAGES_PER_MESSAGE, max_images_per_chat: int = MAX_IMAGES_PER_CHAT):
         if runs_dir is None:
             from course_lib.training.launch import runs_dir as course_runs  # where the training notebooks write
 
@@ -77,6 +81,7 @@ class ChatUI:
         runs_dirs = [runs_dir] if isinstance(runs_dir, str | Path) else list(runs_dir)
         self.sources = model_options(models, runs_dirs)
         self.loader, self.max_upload_bytes, self.max_pixels = loader, max_upload_bytes, max_pixels
+        self.max_images_per_message, self.max_images_per_chat = max_images_per_message, max_images_per_chat
         self.entries: list[Entry] = []
         self.pending: list[Image.Image] = []
         self._chats = {label: Chat(src) for label, src in self.sources.items() if isinstance(src, LoadedModel)}
@@ -143,6 +148,13 @@ class ChatUI:
         files = change["new"]
         if not files:
             return  # our own reset below
+        room = min(self.max_images_per_message - len(self.pending),
+                   self.max_images_per_chat - len(self.pending) - self._history_images())
+        if len(files) > max(room, 0):  # one notice for the lot, not one per refused file
+            self.notice(f"{len(files) - max(room, 0)} of {len(files)} images not added: at most "
+                        f"{self.max_images_per_message} per message and {self.max_images_per_chat} per conversation "
+                        "(Clear starts a new one)")
+            files = files[:max(room, 0)]
         for file in files:
             name, content = file.get("name", "upload"), file.get("content", b"")
             size = max(file.get("size", 0), len(content))
@@ -158,6 +170,10 @@ class ChatUI:
             self.thumbnails.children = (*self.thumbnails.children,
                                         w.Image(value=_png(image), format="png", width=THUMBNAIL_PX))
         self.upload.value = ()  # so the same file can be chosen again
+
+    def _history_images(self) -> int:
+        chat = self._chats.get(self.picker.value)
+        return len(chat.images) if chat else 0
 
     def _on_pick(self, change: dict) -> None:
         self._on_clear()

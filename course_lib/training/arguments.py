@@ -94,10 +94,50 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
     if not _given(argv, "include_num_input_tokens_seen"):
         targs.include_num_input_tokens_seen = "non_padding"
     margs.train_type = train_type
+    _check_numbers(margs, dargs, targs)
+    _check_paths(margs, dargs)
+    _check_outputs(targs)
+    return margs, dargs, targs
+
+
+def _check_numbers(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments) -> None:
+    """Values Hugging Face accepts but that would crash minutes later, or train silently wrong."""
+    positive = {"per_device_train_batch_size": targs.per_device_train_batch_size,
+                "gradient_accumulation_steps": targs.gradient_accumulation_steps,
+                "learning_rate": targs.learning_rate, "lora_r": margs.lora_r, "lora_alpha": margs.lora_alpha}
+    if margs.projector_lr is not None:
+        positive["projector_lr"] = margs.projector_lr
+    for flag, value in positive.items():
+        if not value > 0:
+            raise TrainSetupError(f"--{flag} {value}: expected a positive number")
+    if targs.max_steps == 0 or targs.max_steps < -1:  # 0 silently trained one step
+        raise TrainSetupError(f"--max_steps {targs.max_steps}: expected a positive number of steps "
+                              "(or -1, the default, to train for --num_train_epochs)")
+    if targs.max_steps == -1 and not targs.num_train_epochs > 0:
+        raise TrainSetupError(f"--num_train_epochs {targs.num_train_epochs}: expected a positive number")
+    if not 0 <= margs.lora_dropout < 1:
+        raise TrainSetupError(f"--lora_dropout {margs.lora_dropout}: expected a probability in [0, 1)")
+    if dargs.model_max_length < 16:  # the chat template alone takes about 10 tokens
+        raise TrainSetupError(f"--model_max_length {dargs.model_max_length}: too short for any sample; "
+                              "expected at least 16 (LLaVA-1.5 uses 2048)")
     if dargs.image_tiling < 0:
         raise TrainSetupError(f"--image_tiling {dargs.image_tiling}: expected 0 (off) or a maximum tile count")
-    _check_paths(margs, dargs)
-    return margs, dargs, targs
+
+
+def _check_outputs(targs: TrainingArguments) -> None:
+    """The output folder can be written, and a named checkpoint exists and is complete."""
+    from course_lib.training.checkpoints import TRAINER_STATE
+    from course_lib.util.files import check_writable
+
+    check_writable(targs.output_dir, "--output_dir", folder=True)
+    resume = targs.resume_from_checkpoint
+    if resume and resume != "auto":
+        if not Path(resume).is_dir():
+            raise TrainSetupError(f"--resume_from_checkpoint {resume}: no such checkpoint folder "
+                                  "(or pass 'auto' for the newest complete one in --output_dir)")
+        if not (Path(resume) / TRAINER_STATE).is_file():
+            raise TrainSetupError(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no {TRAINER_STATE}; "
+                                  "a save was interrupted?); pass 'auto' to pick the newest complete one")
 
 
 def _check_deepspeed_config(path: str) -> None:

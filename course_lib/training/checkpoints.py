@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from transformers import ProcessorMixin, Trainer
 
 SUMMARY = "training_summary.json"  # written last: its presence marks a finished run
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint: a complete save has it
 # The files that make a folder a model for the loaders (course_lib.serving.loading, vLLM, from_pretrained).
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors",
@@ -57,10 +58,10 @@ def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
     if not output_dir.is_dir():
         return None
     last = get_last_checkpoint(str(output_dir))
-    if last is None or (Path(last) / "trainer_state.json").is_file():
+    if last is None or (Path(last) / TRAINER_STATE).is_file():
         return last
     complete = [p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+                if p.name.split("-")[-1].isdigit() and (p / TRAINER_STATE).is_file()]
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 

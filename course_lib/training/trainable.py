@@ -20,6 +20,7 @@ from torch import nn
 
 from course_lib.model.lora import PROJECTOR, lora_config
 from course_lib.model.partial_lora import apply_partial_lora
+from course_lib.util.cli import UserError
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -29,7 +30,7 @@ TRAIN_TYPES = ("use_lora", "freeze_vision", "none", "partial_lora")
 TRAIN_TYPE_ALIASES = {"full": "none"}
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(UserError, ValueError):
     """A user-facing configuration problem (bad train type, missing stage-1 projector, ...)."""
 
 

@@ -22,26 +22,34 @@ if TYPE_CHECKING:
     from course_lib.data.dataset import LlavaDataset
 
 
-def load_for_training(margs: ModelArguments,
-                      dtype: torch.dtype) -> tuple[LlavaForConditionalGeneration, ProcessorMixin]:
-    """The model and processor to train, with the stage-1 projector loaded when one is given."""
+def load_processor(margs: ModelArguments) -> ProcessorMixin:
+    """The processor alone: seconds, so the data can be checked before the model's minutes of loading."""
+    if margs.model_name_or_path == "tiny":
+        from course_lib.build import build_llava
+
+        return build_llava("tiny", "tiny")[1]
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(os.path.abspath(margs.model_name_or_path))
+
+
+def load_model(margs: ModelArguments, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    """The model to train, with the stage-1 projector loaded when one is given."""
     from safetensors.torch import load_file
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     if margs.model_name_or_path == "tiny":
         from course_lib.build import build_llava
 
-        model, processor = build_llava("tiny", "tiny")
-        model.to(dtype)
+        model = build_llava("tiny", "tiny")[0].to(dtype)
     else:
         path = os.path.abspath(margs.model_name_or_path)  # absolute, so a LoRA adapter finds its base
         model = LlavaForConditionalGeneration.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation(margs.attn_implementation))
-        processor = AutoProcessor.from_pretrained(path)
     if margs.pretrain_projector:
         state = load_file(margs.pretrain_projector)
         model.model.multi_modal_projector.load_state_dict(state, strict=True)
-    return model, processor
+    return model
 
 
 def make_trainer(model: LlavaForConditionalGeneration | PeftModel, targs: TrainingArguments, dataset: LlavaDataset,

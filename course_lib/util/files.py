@@ -28,3 +28,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, data: Any, indent: int | None = None) -> None:
     """`data` as UTF-8 JSON (non-ASCII kept readable), written atomically."""
     atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=indent))
+
+
+def check_writable(path: str | Path, flag: str, *, folder: bool = False) -> None:
+    """Refuse, before any work, a path that cannot be written: one under a file, an existing folder where
+    a file goes (or a file where a folder goes), or a parent folder without write permission."""
+    from course_lib.util.cli import UserError
+
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{flag} {path}: is {'a file' if folder else 'a folder'}; expected "
+                        f"{'a folder' if folder else 'a file path'}")
+    parent = path if folder and path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {parent}")
