@@ -23,6 +23,7 @@ from course_lib.data.image_tokens import num_image_tokens
 from course_lib.data.records import IMAGE_TOKEN
 from course_lib.model.chat_template import LLAVA_QWEN_TEMPLATE
 from course_lib.util.cli import Parser, UserError, command
+from course_lib.util.files import check_writable
 from course_lib.util.quiet import quiet_transformers
 
 if TYPE_CHECKING:
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
+    check_writable(args.out, "--out", folder=True)  # before minutes of loading, not after
     model, _ = build_llava(args.vision, args.llm, args.out, seed=args.seed, dtype=args.dtype)
     n = sum(p.numel() for p in model.parameters())
     print(f"saved an empty LLaVA ({n / 1e6:.2f}M parameters) to {args.out}")

@@ -17,6 +17,7 @@ import torch
 
 from course_lib.serving.loading import PREPROCESSING_FILE, LoadError, load_trained
 from course_lib.util.cli import Parser, command
+from course_lib.util.files import check_writable
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a use_lora output folder")
     parser.add_argument("--out", required=True, help="where to write the merged LLaVA")
     args = parser.parse_args(argv)
+    check_writable(args.out, "--out", folder=True)
     merge_lora(args.model, args.out)
     print(f"merged LLaVA saved to {args.out}")
     return 0

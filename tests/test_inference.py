@@ -153,14 +153,20 @@ def test_lora_merged_on_load_matches_the_merged_folder(trained, image_prompt):
     assert diff.abs().max().item() < 1e-4
 
 
-def test_relative_base_path_is_found_next_to_the_adapter(trained, tmp_path, monkeypatch):
+def test_relative_base_path_is_read_next_to_the_adapter_and_never_guessed(trained, tmp_path, monkeypatch):
     adapter = trained["base"].parent / "lora_relative"
     shutil.copytree(trained["lora"], adapter, dirs_exist_ok=True)
     config = json.loads((adapter / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = f"some/training/cwd/{trained['base'].name}"
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
     monkeypatch.chdir(tmp_path)
+    config["base_model_name_or_path"] = trained["base"].name  # relative to the adapter's parent
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
     assert adapter_base(adapter) == trained["base"].parent / trained["base"].name
+    # A path that is gone is an error naming it, even though a folder of the same name sits next door.
+    for gone in (f"some/training/cwd/{trained['base'].name}", f"/gone/{trained['base'].name}"):
+        config["base_model_name_or_path"] = gone
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(LoadError, match=f"base model '{gone}' not found"):
+            adapter_base(adapter)
 
 
 def test_find_models_lists_trained_outputs_only(trained, tiny_world):

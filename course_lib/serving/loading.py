@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -90,7 +91,10 @@ def checkpoint_kind(folder: str | Path) -> Kind:
     if not config.is_file():
         raise LoadError(f"--model {folder}: neither config.json nor {ADAPTER_CONFIG} found; "
                         "expected a LLaVA checkpoint or a LoRA adapter folder")
-    architectures = json.loads(config.read_text()).get("architectures") or []
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise LoadError(f"--model {folder}: config.json is not a JSON object ({err})") from None
     if LLAVA_ARCHITECTURE not in architectures:
         raise LoadError(f"--model {folder}: config.json describes {architectures or 'no architecture'}, "
                         f"expected {LLAVA_ARCHITECTURE}")
@@ -100,8 +104,10 @@ def checkpoint_kind(folder: str | Path) -> Kind:
 def adapter_base(folder: str | Path) -> Path:
     """The base LLaVA folder a LoRA adapter names in `base_model_name_or_path`.
 
-    Trainers write the path as they were given it, often relative to where training ran; so it is
-    tried as given (absolute, or from the current folder), then next to the adapter.
+    Trainers write the path as they were given it, often relative to where training ran; so a relative
+    path is tried from the current folder, then from the adapter's folder and its parent. Nothing else is
+    guessed: a folder that merely has the same name could hold another model, and the adapter would then
+    run on the wrong base without a word.
     """
     folder = Path(folder)
     from peft import PeftConfig
@@ -114,12 +120,14 @@ def adapter_base(folder: str | Path) -> Path:
     if not base:
         raise LoadError(f"{folder / ADAPTER_CONFIG}: base_model_name_or_path is empty; set it to the stage-1 "
                         "LLaVA folder the adapter was trained from (or pass base=... to load_trained)")
-    candidates = [Path(base).expanduser(), folder / base, folder.parent / base, folder.parent / Path(base).name]
+    given = Path(base).expanduser()
+    candidates = [given] if given.is_absolute() else [given, folder / given, folder.parent / given]
     for candidate in candidates:
         if (candidate / "config.json").is_file():
             return candidate
-    raise LoadError(f"{folder / ADAPTER_CONFIG}: base model {base!r} not found (looked in the current folder "
-                    f"and next to the adapter); expected the stage-1 LLaVA folder it was trained from")
+    raise LoadError(f"{folder / ADAPTER_CONFIG}: base model {base!r} not found" + (
+        "" if given.is_absolute() else " (looked from the current folder and next to the adapter)")
+        + "; set base_model_name_or_path to the stage-1 LLaVA folder the adapter was trained from")
 
 
 def _has_processor(folder: Path) -> bool:
@@ -152,7 +160,7 @@ def load_trained(
     _require_safetensors(weights, ("model.safetensors", "model.safetensors.index.json"))
     if kind == "lora":
         _require_safetensors(path, ("adapter_model.safetensors",))
-    with quiet_transformers(progress_bars=False):
+    with quiet_transformers(progress_bars=False), _damaged_files_named(path):
         model = LlavaForConditionalGeneration.from_pretrained(weights, dtype=dtype, use_safetensors=True)
         if kind == "lora":
             from peft import PeftModel
@@ -168,6 +176,21 @@ def load_trained(
     model.to(device).eval()
     return LoadedModel(model=model, processor=processor, kind=kind, path=path, base=base_path,
                        preprocessing=read_preprocessing(path, base_path))
+
+
+@contextlib.contextmanager
+def _damaged_files_named(path: Path) -> Iterator[None]:
+    """A truncated or corrupt file (weights, JSON) becomes one LoadError naming the folder, not a traceback
+    from deep inside safetensors or transformers."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except LoadError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LoadError(f"--model {path}: cannot load it, a file is damaged or incomplete ({first})") from None
 
 
 def _require_safetensors(folder: Path, names: tuple[str, ...]) -> None:

@@ -67,6 +67,8 @@ def run_guarded(body: Callable[[], int | None]) -> int:
     """Run `body`, turning any escaping exception into one `error:` line and an exit code."""
     try:
         return body() or 0
+    except SystemExit as done:  # argparse after --help or a one-line error: the same code, returned
+        return done.code if isinstance(done.code, int) else USER_ERROR
     except KeyboardInterrupt:
         if os.environ.get(DEBUG_ENV):
             raise

@@ -121,6 +121,9 @@ def _locked(path: Path):
     """An exclusive lock on `path` (filelock: flock on Unix), so parallel processes build the world once."""
     from filelock import FileLock
 
+    from course_lib.util.files import check_writable
+
+    check_writable(path.parent, "$COURSE_LIB_HOME", folder=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(path)
 
