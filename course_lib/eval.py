@@ -78,13 +78,13 @@ def load_items(data_path: str | Path, image_folder: str | Path | None = None,
     """The first `limit` records of a LLaVA-format file as EvalItems; a bad record or missing image is
     a DataError naming it, raised before any model is loaded."""
     data_file, image_folder = locate_data(data_path, image_folder)
-    records = read_records(data_file)
+    records = read_records(data_file)[:limit]
     repeated = duplicate_ids(records)
     if repeated:  # answers are joined to records by id: a repeated one would score the wrong answer
         raise DataError("duplicate_id", f"{data_file}: {len(repeated)} ids are used more than once (first: "
                                         f"{repeated[0]!r}); an eval set needs unique ids")
     items = []
-    for index, record in enumerate(records[:limit] if limit is not None else records):
+    for index, record in enumerate(records):
         try:
             item = to_item(record, index, image_folder)
             missing = [p for p in item.images if not p.is_file()]

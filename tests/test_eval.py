@@ -162,4 +162,4 @@ def test_eval_limit_below_one_is_one_line_not_a_silent_drop(limit, hand_checked,
     assert eval_module.main(["--model", str(empty_llava[0]), "--data", str(data), "--images", str(images),
                              "--limit", limit]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--limit {limit}: expected a number of records, at least 1" in err
+    assert err.count("\n") == 1 and f"--limit {limit}: expected a positive number" in err

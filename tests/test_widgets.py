@@ -75,7 +75,8 @@ def test_the_answer_is_updated_while_it_streams(ui, loaded):
 
 
 def test_bad_uploads_become_messages_in_the_chat(loaded, eval_pngs, tmp_path):
-    ui = chat_ui(models={"empty": loaded}, runs_dir=tmp_path / "runs", max_upload_bytes=10_000)
+    ui = chat_ui(models={"empty": loaded}, runs_dir=tmp_path / "runs", max_upload_bytes=10_000,
+                 max_images_per_message=10)
     bad = write_bad_images(tmp_path / "bad", eval_pngs[0])
     files = [(p.name, p.read_bytes()) for p in bad if p.exists()]
     files += [("big.png", b"\x89PNG" + bytes(20_000)), ("ok.png", eval_pngs[0].read_bytes())]
@@ -139,3 +140,16 @@ def test_a_failing_generation_is_reported_not_raised(loaded, tmp_path, monkeypat
     _say(ui, "Hi")
     assert ui.entries[-1].text == "generation failed: ZeroDivisionError: division by zero"
     assert not ui.send.disabled
+
+
+def test_image_counts_are_bounded_per_message_and_per_conversation(loaded, eval_pngs, tmp_path):
+    ui = chat_ui(models={"empty": loaded}, runs_dir=tmp_path / "runs", max_images_per_message=2,
+                 max_images_per_chat=3)
+    png = (eval_pngs[0].name, eval_pngs[0].read_bytes())
+    ui.upload.value = upload_value(*[png] * 500)  # one notice for the lot, two images kept
+    assert len(ui.pending) == 2 and [e.text for e in ui.entries if e.role == "notice"] == [
+        "498 of 500 images not added: at most 2 per message and 3 per conversation (Clear starts a new one)"]
+    ui.max_new_tokens.value = 4
+    _say(ui, "How many circles are there?")
+    ui.upload.value = upload_value(png, png)  # the conversation holds 2: one more fits
+    assert len(ui.pending) == 1 and ui.entries[-1].text.startswith("1 of 2 images not added")
