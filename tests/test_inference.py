@@ -222,25 +222,43 @@ def test_images_are_bounded_and_bad_ones_named(tiny_world, tmp_path):
         load_image(good, max_pixels=1000)
 
 
-@pytest.mark.parametrize("old, new", [("lora", "full"), ("full", "lora"), ("lora", "merged"), ("merged", "lora")])
-def test_an_output_written_over_another_kind_replaces_it_whole(old, new, trained, tmp_path):
+KINDS = ("full", "lora", "merged", "partial")
+
+
+@pytest.fixture(scope="module")
+def outputs(trained, tmp_path_factory):
+    """The four kinds of output folder: full, LoRA, merged, and full + Partial LoRA files."""
+    partial = tmp_path_factory.mktemp("partial") / "partial"
+    shutil.copytree(trained["full"], partial)
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, partial / "partial_lora.safetensors")
+    (partial / "partial_lora.json").write_text("{}")
+    return {**{kind: trained[kind] for kind in KINDS[:3]}, "partial": partial}
+
+
+@pytest.mark.parametrize("old, new", [(a, b) for a in KINDS for b in KINDS if a != b])
+def test_an_output_written_over_another_kind_replaces_it_whole(old, new, outputs, tmp_path):
     """Publishing a model into a folder that held another kind of output leaves only the new one: a stale
-    adapter_config.json next to a new full model made every loader serve the old LoRA."""
+    adapter_config.json next to a new full model made every loader serve the old LoRA (and stale
+    partial_lora files would apply an old Partial LoRA to it)."""
+    from course_lib.model.partial_lora import has_partial_lora
     from course_lib.training.checkpoints import MODEL_FILES, publish_model
 
     out = tmp_path / "out"
-    shutil.copytree(trained[old], out, ignore=shutil.ignore_patterns("checkpoint-*", ".final.partial"))
+    shutil.copytree(outputs[old], out, ignore=shutil.ignore_patterns("checkpoint-*", ".final.partial"))
     (out / "training_summary.json").write_text("{}")  # not a model file: kept
     staging = out / ".final.partial"
-    shutil.copytree(trained[new], staging, ignore=shutil.ignore_patterns("checkpoint-*", ".final.partial"))
+    shutil.copytree(outputs[new], staging, ignore=shutil.ignore_patterns("checkpoint-*", ".final.partial"))
     removed = publish_model(staging, out)
     kept = {"training_summary.json", "README.md"} & {p.name for p in out.iterdir()}  # not model files: kept
-    expected = {p.name for p in trained[new].iterdir() if p.is_file()} | kept
+    expected = {p.name for p in outputs[new].iterdir() if p.is_file()} | kept
     assert {p.name for p in out.iterdir()} == expected and not staging.exists()
-    assert checkpoint_kind(out) == checkpoint_kind(trained[new])
-    old_files = {p.name for p in trained[old].iterdir() if p.is_file()}
-    new_files = {p.name for p in trained[new].iterdir() if p.is_file()}
-    assert set(removed) == {f for f in old_files - new_files if f in MODEL_FILES} != set()
+    assert checkpoint_kind(out) == checkpoint_kind(outputs[new])
+    assert has_partial_lora(out) == (new == "partial")
+    old_files = {p.name for p in outputs[old].iterdir() if p.is_file()}
+    new_files = {p.name for p in outputs[new].iterdir() if p.is_file()}
+    assert set(removed) == {f for f in old_files - new_files if f in MODEL_FILES}
 
 
 def test_merge_into_a_lora_folder_replaces_it_and_keeps_the_image_preprocessing(trained, tmp_path):

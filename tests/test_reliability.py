@@ -79,6 +79,11 @@ def bad(tiny_world, empty_llava, tmp_path_factory):
     incomplete.mkdir(parents=True)
     paths["incomplete"] = incomplete
 
+    cut = root / "run" / "checkpoint-4"  # killed while trainer_state.json was being written
+    cut.mkdir()
+    (cut / "trainer_state.json").write_text('{"global_step": 4, "log_hist')
+    paths["cut"] = cut
+
     broken_config = root / "broken_config"
     broken_config.mkdir()
     (broken_config / "config.json").write_text("{")
@@ -113,6 +118,7 @@ CORPUS = [
     ("train", [*_train("{eval}")[:-6], "--output_dir", "{file}/run"], "is a file, so nothing can be written"),
     ("train", _train("{eval}", "--resume_from_checkpoint", "/no/such/checkpoint-9"), "no such checkpoint folder"),
     ("train", _train("{eval}", "--resume_from_checkpoint", "{incomplete}"), "not a complete checkpoint"),
+    ("train", _train("{eval}", "--resume_from_checkpoint", "{cut}"), "not a complete checkpoint"),
     ("train", _train("{eval}", "--deepspeed", "{bad_ds}"), "not valid JSON"),
     ("train", _train("/no/such/data.json"), "--data_path /no/such/data.json: no such file"),
     ("train", _train("{all_bad}"), "none of its 2 records is usable"),
@@ -173,6 +179,20 @@ def test_broken_input_is_one_line_and_writes_nothing(bad, tmp_path, capsys, comm
     assert len(errors) == 1 and lines[-1] == errors[0], captured.err[-2000:]
     assert expected in errors[0], errors[0]
     assert not out.exists(), sorted(out.rglob("*"))
+
+
+def test_resume_auto_skips_checkpoints_cut_off_mid_save(bad):
+    """`--resume_from_checkpoint auto` in the folder above: checkpoint-4's trainer_state.json is cut off
+    mid-write and checkpoint-3 has none, so there is nothing complete to resume from; a whole one is found."""
+    from course_lib.training.checkpoints import latest_complete_checkpoint
+
+    run = bad["cut"].parent
+    assert latest_complete_checkpoint(run) is None
+    whole = run / "checkpoint-2"
+    whole.mkdir(exist_ok=True)
+    (whole / "trainer_state.json").write_text('{"global_step": 2}')
+    assert latest_complete_checkpoint(run) == str(whole)
+    shutil.rmtree(whole)
 
 
 def test_corpus_covers_every_entry_point():

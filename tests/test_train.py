@@ -337,3 +337,56 @@ def test_tiling_that_cannot_fit_the_max_length_is_refused_up_front():
         check_tiling_fits(DataArguments(image_tiling=4, model_max_length=2048), 576)
     check_tiling_fits(DataArguments(image_tiling=2, model_max_length=2048), 576)  # 3 x 576 = 1728 fits
     check_tiling_fits(DataArguments(image_tiling=0, model_max_length=100), 576)  # off: nothing to check
+
+
+def _mixed_pair(tiny_world, root: Path) -> list[str]:
+    """One image sample and one text-only sample: at batch 1 on 2 ranks, each step one rank sees no image."""
+    records = json.loads((tiny_world.data / "instruct" / "instruct.json").read_text())
+    pair = [next(r for r in records if isinstance(r.get("image"), str)), next(r for r in records if "image" not in r)]
+    (root / "pair.json").write_text(json.dumps(pair))
+    return ["--data_path", str(root / "pair.json"), "--image_folder", str(tiny_world.data / "instruct" / "images")]
+
+
+def test_a_text_only_batch_gives_every_trainable_weight_an_exact_zero_gradient(empty_llava, tiny_world, tmp_path):
+    """Without it the projector got no gradient at all on that rank (None), and ZeRO-2's reduce-scatter
+    mismatched the other ranks'."""
+    from transformers import TrainingArguments
+
+    from course_lib.data.collators import PaddedCollator
+    from course_lib.data.dataset import LlavaDataset
+    from course_lib.training.trainer import make_trainer
+
+    folder, _, processor = empty_llava
+    flags = _mixed_pair(tiny_world, tmp_path)
+    targs = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
+    model = prepare_model(LlavaForConditionalGeneration.from_pretrained(folder), "finetune", "freeze_vision",
+                          8, 16, 0.0)
+    dataset = LlavaDataset(flags[1], processor, image_folder=flags[3], template="chat")
+    collator = PaddedCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    trainer = make_trainer(model, targs, dataset, collator, None, None)
+    batch = collator([dataset[1]])
+    assert "pixel_values" not in batch  # the text-only sample
+    trainer.compute_loss(model, batch).backward()
+    projector = [p for n, p in model.named_parameters() if "multi_modal_projector" in n]
+    assert projector and all(p.grad is not None and not p.grad.any() for p in projector)
+    language = [p for n, p in model.named_parameters() if "language_model" in n and p.requires_grad]
+    assert any(p.grad.any() for p in language)  # the text itself still trains the language model
+
+
+@pytest.mark.launcher
+def test_run_zero2_survives_a_text_only_micro_batch_on_one_rank(empty_llava, tiny_world, tmp_path):
+    """2 CPU ranks, batch 1, one image sample and one text-only sample: every step one rank has no image.
+    Before the fix gloo died with "Received data size doesn't match expected size"."""
+    from safetensors.torch import save_file
+
+    folder, model, _ = empty_llava
+    save_file(model.model.multi_modal_projector.state_dict(), tmp_path / "projector.safetensors")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_PROCS": "2"}
+    cmd = ["bash", str(REPO / "run_zero2.sh"), "--stage", "finetune", "--train_type", "freeze_vision",
+           "--model_name_or_path", str(folder), "--pretrain_projector", str(tmp_path / "projector.safetensors"),
+           *_mixed_pair(tiny_world, tmp_path), "--output_dir", str(tmp_path / "ds"), "--max_steps", "2",
+           "--per_device_train_batch_size", "1", "--report_to", "none", "--save_strategy", "no"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ds" / "training_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["samples"] == 2

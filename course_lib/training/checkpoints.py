@@ -58,11 +58,19 @@ def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
     if not output_dir.is_dir():
         return None
     last = get_last_checkpoint(str(output_dir))
-    if last is None or (Path(last) / TRAINER_STATE).is_file():
+    if last is None or is_complete_checkpoint(last):
         return last
     complete = [p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                if p.name.split("-")[-1].isdigit() and (p / TRAINER_STATE).is_file()]
+                if p.name.split("-")[-1].isdigit() and is_complete_checkpoint(p)]
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def is_complete_checkpoint(folder: str | Path) -> bool:
+    """The Trainer writes trainer_state.json last, and not atomically: complete means it is there and whole."""
+    try:
+        return isinstance(json.loads((Path(folder) / TRAINER_STATE).read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def save_outputs(trainer: Trainer, processor: ProcessorMixin, margs: ModelArguments, dargs: DataArguments,

@@ -4,6 +4,8 @@ known up front (with LLaVA's modality grouping), and a resume that really loads 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +54,37 @@ def load_model(margs: ModelArguments, dtype: torch.dtype) -> LlavaForConditional
     return model
 
 
+@contextmanager
+def vision_kept_in_graph(model: torch.nn.Module) -> Iterator[None]:
+    """Run a text-only batch with the vision tower and projector still in the autograd graph.
+
+    Without images they get no gradient on this rank, while the ranks that had images do. ZeRO's gradient
+    reduce-scatter then mismatches across ranks (gloo: "Received data size doesn't match expected size";
+    NCCL hangs). LLaVA keeps them in the graph by encoding a blank image and splicing in a zero-length
+    slice of its features. Here a blank image is encoded and `0 x` its features is added to the token
+    embeddings. The vision weights then get exact zero gradients, in the same backward order as on an image
+    batch, which ZeRO's gradient buckets need too.
+    """
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision = llava.config.vision_config
+    embed = llava.get_input_embeddings()
+    tower = llava.model.vision_tower
+
+    def add_zero_image(module, args, output):
+        blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size,
+                            dtype=next(tower.parameters()).dtype, device=output.device)
+        features = llava.model.get_image_features(  # the projected features, one tensor per image
+            pixel_values=blank, vision_feature_layer=llava.config.vision_feature_layer,
+            vision_feature_select_strategy=llava.config.vision_feature_select_strategy).pooler_output
+        return output + 0.0 * sum(f.sum() for f in features).to(output.dtype)
+
+    handle = embed.register_forward_hook(add_zero_image)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def make_trainer(model: LlavaForConditionalGeneration | PeftModel, targs: TrainingArguments, dataset: LlavaDataset,
                  collator: Callable[[Sequence[dict]], dict], projector_lr: float | None, callbacks: list | None,
                  group_by_modality: bool = False) -> Trainer:
@@ -83,6 +116,12 @@ def make_trainer(model: LlavaForConditionalGeneration | PeftModel, targs: Traini
                 for f in Path(resume_from_checkpoint).glob("*.safetensors"):
                     state.update({k: v for k, v in load_file(f).items() if k.startswith(PARTIAL_LORA_ATTR + ".")})
             model.load_state_dict(state, strict=True)
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if inputs.get("pixel_values") is not None:
+                return super().compute_loss(model, inputs, *args, **kwargs)
+            with vision_kept_in_graph(self.accelerator.unwrap_model(model)):
+                return super().compute_loss(model, inputs, *args, **kwargs)
 
         def _get_train_sampler(self, *args, **kwargs):
             # Lengths are known without opening images, so ours replaces transformers' LengthGroupedSampler,
