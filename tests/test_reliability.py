@@ -6,8 +6,10 @@ must not run its payload on resume."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -240,11 +242,11 @@ class _Payload:
 
 
 @pytest.mark.launcher
-def test_deepspeed_resume_is_exact_and_runs_no_pickled_code(empty_llava, tiny_world, tmp_path):
+def test_deepspeed_resume_is_exact_even_after_kill_9_and_runs_no_pickled_code(empty_llava, tiny_world, tmp_path):
     """One DeepSpeed ZeRO-2 rank (the CPU accelerator), as `python -m course_lib.train` runs it: 3 steps with
-    a checkpoint at step 2; resuming from that checkpoint ends on the same weights (its files are read
-    weights-only, with DeepSpeed's own classes allowed); the same checkpoint with a pickled os.system call
-    added is refused in one line and the command never runs."""
+    a checkpoint at step 2. A run killed with SIGKILL in the middle of a save and resumed with `auto` ends on
+    the same weights (its checkpoint files are read weights-only, with DeepSpeed's own classes allowed). The
+    step-2 checkpoint with a pickled os.system call added is refused in one line and the command never runs."""
     from safetensors.torch import load_file
 
     data = tiny_world.data / "pretrain"
@@ -252,21 +254,33 @@ def test_deepspeed_resume_is_exact_and_runs_no_pickled_code(empty_llava, tiny_wo
            "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "2"}
     repo = Path(__file__).resolve().parents[1]
 
+    def run_command(out: Path, port: int, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "course_lib.train", "--stage", "pretrain", "--model_name_or_path",
+                str(empty_llava[0]), "--data_path", str(data / "chat.json"), "--image_folder", str(data / "images_dl"),
+                "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4",
+                "--learning_rate", "1e-2", "--report_to", "none", "--seed", "0",
+                "--deepspeed", str(repo / "configs" / "zero2.json"), *extra]
+
     def run(out: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "course_lib.train", "--stage", "pretrain", "--model_name_or_path",
-               str(empty_llava[0]), "--data_path", str(data / "chat.json"), "--image_folder", str(data / "images_dl"),
-               "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4",
-               "--learning_rate", "1e-2", "--report_to", "none", "--seed", "0",
-               "--deepspeed", str(repo / "configs" / "zero2.json"), *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, env={**env, "MASTER_PORT": str(port)},
-                              timeout=600)
+        return subprocess.run(run_command(out, port, *extra), capture_output=True, text=True,
+                              env={**env, "MASTER_PORT": str(port)}, timeout=600)
 
     straight = run(tmp_path / "straight", 29611, "--save_strategy", "steps", "--save_steps", "2")
     assert straight.returncode == 0, straight.stderr[-3000:]
     checkpoint = tmp_path / "straight" / "checkpoint-2"
-    resumed = run(tmp_path / "resumed", 29612, "--resume_from_checkpoint", str(checkpoint))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = (load_file(tmp_path / name / "projector.safetensors") for name in ("straight", "resumed"))
+    a = load_file(tmp_path / "straight" / "projector.safetensors")
+
+    # kill -9 while checkpoint-2 is being saved, then `--resume_from_checkpoint auto`: the same weights.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*run_command(killed, 29614, "--save_strategy", "steps", "--save_steps", "1")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**env, "MASTER_PORT": "29614"})
+    while proc.poll() is None and not (killed / "checkpoint-2").exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before its second save"
+    again = run(killed, 29615, "--save_strategy", "steps", "--save_steps", "1", "--resume_from_checkpoint", "auto")
+    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
+    b = load_file(killed / "projector.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     crafted = tmp_path / "crafted"
