@@ -390,3 +390,83 @@ def test_run_zero2_survives_a_text_only_micro_batch_on_one_rank(empty_llava, tin
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ds" / "training_summary.json").read_text())
     assert summary["steps"] == 2 and summary["samples"] == 2
+
+
+# haotian-liu/LLaVA scripts/v1_5/pretrain.sh and finetune_lora.sh, flag for flag (paths and LLM substituted;
+# LoRA's ZeRO-3 config and wandb are checked separately).
+LLAVA_COMMON = ["--vision_tower", "openai/clip-vit-large-patch14-336", "--mm_vision_select_layer", "-2",
+                "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False", "--bf16", "True",
+                "--num_train_epochs", "1", "--per_device_eval_batch_size", "4", "--evaluation_strategy", "no",
+                "--save_strategy", "steps", "--save_total_limit", "1", "--weight_decay", "0.",
+                "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
+                "--tf32", "True", "--model_max_length", "2048", "--gradient_checkpointing", "True",
+                "--dataloader_num_workers", "0", "--lazy_preprocess", "True", "--report_to", "none"]
+LLAVA_PRETRAIN = ["--version", "plain", "--mm_projector_type", "mlp2x_gelu", "--tune_mm_mlp_adapter", "True",
+                  "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "4", "--save_steps",
+                  "24000", "--learning_rate", "1e-3", *LLAVA_COMMON]
+LLAVA_FINETUNE_LORA = ["--lora_enable", "True", "--lora_r", "128", "--lora_alpha", "256", "--mm_projector_lr", "2e-5",
+                       "--version", "qwen_2", "--mm_projector_type", "mlp2x_gelu", "--image_aspect_ratio", "pad",
+                       "--group_by_modality_length", "True", "--per_device_train_batch_size", "16",
+                       "--gradient_accumulation_steps", "2", "--save_steps", "50000", "--learning_rate", "2e-4",
+                       *LLAVA_COMMON]
+
+
+def test_llava_1_5_script_flags_keep_their_meaning(empty_llava, small_data, tmp_path, capsys):
+    from course_lib.training.arguments import parse_args
+
+    folder = str(empty_llava[0])
+    margs, dargs, targs = parse_args(["--model_name_or_path", folder, *small_data["pretrain"], "--output_dir",
+                                      str(tmp_path / "pre"), *LLAVA_PRETRAIN])
+    assert (margs.stage, dargs.template, targs.learning_rate, targs.eval_strategy) == ("pretrain", "plain", 1e-3, "no")
+    (tmp_path / "projector.safetensors").write_bytes(b"")
+    margs, dargs, targs = parse_args(["--model_name_or_path", folder, "--pretrain_mm_mlp_adapter",
+                                      str(tmp_path / "projector.safetensors"), *small_data["instruct"],
+                                      "--output_dir", str(tmp_path / "lora"), *LLAVA_FINETUNE_LORA])
+    assert (margs.stage, margs.train_type, margs.lora_r, margs.lora_alpha, margs.projector_lr) == (
+        "finetune", "use_lora", 128, 256, 2e-5)
+    assert dargs.pad_to_square and dargs.group_by_modality_length and dargs.template == "chat"
+    assert targs.gradient_checkpointing and not targs.tf32 and not targs.bf16  # CPU: fp32, as the log says
+    out = capsys.readouterr().out
+    assert "--lazy_preprocess True dropped: this course always tokenizes lazily" in out
+    assert "--mm_projector_lr is --projector_lr here" in out
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--image_aspect_ratio", "anyres"], "use --image_tiling N"),
+    (["--bits", "4"], "--bits 4: not supported here; 4- and 8-bit (QLoRA) training is not supported"),
+    (["--pretrain_mm_mlp_adapter", "mm_projector.bin"], "LLaVA's mm_projector.bin is a pickle"),
+    (["--mm_vision_select_layer", "-1"], "the feature layer is part of the built model"),
+    (["--report_to", "wandb"], "--report_to wandb: not installed (pip install wandb)"),
+    (["--lora_enable", "True", "--train_type", "none"], "--lora_enable True sets --train_type use_lora, but"),
+])
+def test_llava_flags_this_course_does_not_have_name_its_way(empty_llava, small_data, tmp_path, capsys, flags,
+                                                             expected):
+    argv = ["--model_name_or_path", str(empty_llava[0]), *small_data["instruct"], "--output_dir", str(tmp_path),
+            *flags]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err, err
+
+
+def test_llava_vision_tower_with_an_llm_names_the_build_command(tiny_world, small_data, tmp_path, capsys):
+    argv = ["--model_name_or_path", str(tiny_world.llm), "--vision_tower", "openai/clip-vit-large-patch14-336",
+            *small_data["instruct"], "--output_dir", str(tmp_path)]
+    assert train.main(argv) == 2
+    assert f"python -m course_lib.build --vision openai/clip-vit-large-patch14-336 --llm {tiny_world.llm}" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.training
+def test_llava_finetune_lora_flags_train_and_save_a_loadable_adapter(stage1, small_data, tmp_path):
+    from course_lib.serving.loading import load_trained
+
+    base, _ = stage1
+    out = tmp_path / "lora"
+    flags = [f for f in LLAVA_FINETUNE_LORA]
+    flags[flags.index("--per_device_train_batch_size") + 1] = "4"
+    summary = train.run(["--model_name_or_path", str(base), *small_data["instruct"], "--output_dir", str(out),
+                         *flags, "--max_steps", "2", "--save_strategy", "no"])
+    assert summary["steps"] == 2 and summary["train_type"] == "use_lora"
+    loaded = load_trained(out, device="cpu")
+    assert loaded.kind == "lora" and loaded.preprocessing["pad_to_square"]
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 128

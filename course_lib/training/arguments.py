@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from course_lib.training.llava_flags import translate_llava_flags
 from course_lib.training.recipes import STAGES, trainer_defaults
 from course_lib.training.trainable import TrainSetupError, normalize_train_type
 
@@ -69,6 +70,9 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
     """(model_args, data_args, training_args); one-line TrainSetupError for any user mistake."""
     from transformers import HfArgumentParser, TrainingArguments
 
+    argv, notes = translate_llava_flags(argv)  # LLaVA-1.5's own scripts pass LLaVA's flags
+    for note in notes:
+        log(f"LLaVA flag: {note}")
     stage = _value(argv, "stage", "pretrain")
     if stage not in STAGES:
         raise TrainSetupError(f"--stage {stage!r} is not one of {', '.join(STAGES)}")
@@ -97,7 +101,19 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
     _check_numbers(margs, dargs, targs)
     _check_paths(margs, dargs)
     _check_outputs(targs)
+    _check_reporting(targs)
     return margs, dargs, targs
+
+
+def _check_reporting(targs: TrainingArguments) -> None:
+    """`--report_to wandb` (LLaVA's scripts) without wandb installed failed only once the model had loaded."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = get_available_reporting_integrations()
+    missing = [name for name in targs.report_to or [] if name not in ("none", "all") and name not in available]
+    if missing:
+        raise TrainSetupError(f"--report_to {','.join(missing)}: not installed (pip install {' '.join(missing)}); "
+                              f"installed: {', '.join(available) or 'none'}; or pass --report_to none")
 
 
 def _check_numbers(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments) -> None:
@@ -182,7 +198,8 @@ def _auto_device(argv: list[str]) -> list[str]:
     if torch.cuda.is_available():
         unset = not (_given(argv, "bf16") or _given(argv, "fp16"))
         return argv + (["--bf16", "true"] if unset and torch.cuda.is_bf16_supported() else [])
-    wants = [f for f in ("bf16", "fp16") if _given(argv, f) and _value(argv, f, "true").lower() in ("true", "1", "yes")]
+    wants = [f for f in ("bf16", "fp16", "tf32")
+             if _given(argv, f) and _value(argv, f, "true").lower() in ("true", "1", "yes")]
     if wants:
         log(f"no CUDA GPU: training in fp32 (--{'/--'.join(wants)} ignored)")
     return argv + [x for f in wants for x in (f"--{f}", "false")] + ["--use_cpu", "true"]
