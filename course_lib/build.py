@@ -43,14 +43,17 @@ class Sources:
 
 
 def resolve_sources(vision: str, llm: str) -> Sources:
-    """Map the word `tiny` to the tiny world's backbones (built on first use); keep paths and hub ids."""
+    """Map the word `tiny` to the tiny world's backbones, and `clip-l-336-shaped` / `qwen2.5-0.5b-shaped` to the
+    real-shaped world's (each built on first use); keep paths and hub ids."""
     if "tiny" in (vision, llm):
         from course_lib.world import ensure_tiny_world
 
         world = ensure_tiny_world()
         vision = str(world.clip) if vision == "tiny" else vision
         llm = str(world.llm) if llm == "tiny" else llm
-    return Sources(vision, llm)
+    from course_lib.world.real_shaped import resolve
+
+    return Sources(resolve(vision), resolve(llm))
 
 
 def _load_config(name: str, what: str, expected: str):
@@ -188,8 +191,8 @@ def build_llava(vision: str, llm: str, out: str | Path | None = None, *, seed: i
 @command
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m course_lib.build", description=__doc__.split("\n")[0])
-    parser.add_argument("--vision", default="tiny", help="CLIP path, hub id, or 'tiny'")
-    parser.add_argument("--llm", default="tiny", help="Qwen2/Qwen2.5 path, hub id, or 'tiny'")
+    parser.add_argument("--vision", default="tiny", help="CLIP path, hub id, 'tiny' or 'clip-l-336-shaped'")
+    parser.add_argument("--llm", default="tiny", help="Qwen2/Qwen2.5 path, hub id, 'tiny' or 'qwen2.5-0.5b-shaped'")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

