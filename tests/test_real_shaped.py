@@ -3,6 +3,10 @@ small random weights, so the practitioner's path runs here as it will on a GPU: 
 LLaVA-1.5's own flags, merge, chat and eval, on real photos (scikit-image's)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from course_lib import train
 from course_lib.build import build_llava
 from course_lib.world.real_shaped import LLM_NAME, VISION_NAME, ensure_real_shaped_world, qwen2_5_tokenizer
 
+REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # 512x512, 600x400, 451x300, 640x427
 
 
@@ -107,7 +112,7 @@ def photo_data(tmp_path_factory):
     return root
 
 
-@pytest.mark.training
+@pytest.mark.launcher
 def test_the_practitioners_path_runs_at_real_shapes(llava, photo_data, tmp_path, capsys):
     """Stage 1 (frozen towers bit-identical), stage 2 with LLaVA-1.5's finetune_lora flags, merge (same
     greedy answer as base + adapter), chat on a real photo, and eval: all at the real vocabulary and 576
@@ -132,13 +137,32 @@ def test_the_practitioners_path_runs_at_real_shapes(llava, photo_data, tmp_path,
     assert frozen and all(torch.equal(before[k], after[k].to(before[k].dtype)) for k in frozen)
     assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before if k not in frozen)
 
+    # Stage 2 as a practitioner runs it: run_zero2.sh, 2 ranks, LLaVA-1.5's finetune_lora flags (the modality
+    # grouping makes the text-only sample a batch of its own on one rank).
     lora = tmp_path / "lora"
-    summary = train.run(["--model_name_or_path", str(stage1), "--data_path", str(photo_data / "chat.json"),
-                         *images, "--output_dir", str(lora), "--lora_enable", "True", "--lora_r", "8",
-                         "--lora_alpha", "16", "--mm_projector_lr", "2e-5", "--version", "qwen_2",
-                         "--image_aspect_ratio", "pad", "--group_by_modality_length", "True", "--bf16", "True",
-                         "--lazy_preprocess", "True", *fast])
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_PROCS": "2"}
+    cmd = ["bash", str(REPO / "run_zero2.sh"), "--model_name_or_path", str(stage1), "--data_path",
+           str(photo_data / "chat.json"), *images, "--output_dir", str(lora), "--lora_enable", "True",
+           "--lora_r", "8", "--lora_alpha", "16", "--mm_projector_lr", "2e-5", "--version", "qwen_2",
+           "--image_aspect_ratio", "pad", "--group_by_modality_length", "True", "--bf16", "True",
+           "--lazy_preprocess", "True", "--mm_use_im_start_end", "False", "--evaluation_strategy", "no",
+           "--warmup_ratio", "0.03", *fast[:3], "1", *fast[4:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((lora / "training_summary.json").read_text())
     assert summary["train_type"] == "use_lora" and summary["samples"] == 5 and summary["skipped"] == {}
+    # Padding travels in the saved processor: plain transformers (and vLLM) pad as training did.
+    from transformers import AutoProcessor
+
+    from course_lib.data.tiling import prepare_images
+
+    saved = AutoProcessor.from_pretrained(lora)
+    assert saved.image_processor.do_pad
+    rocket = Image.open(photo_data / "images" / "rocket.jpg")
+    original = AutoProcessor.from_pretrained(stage1)
+    trained_on = original.image_processor(images=prepare_images([rocket], original, pad_to_square=True)[0],
+                                          return_tensors="pt")["pixel_values"]
+    assert torch.allclose(saved.image_processor(images=[rocket], return_tensors="pt")["pixel_values"], trained_on)
 
     merged = tmp_path / "merged"
     merge_lora(lora, merged)

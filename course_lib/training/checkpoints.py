@@ -91,16 +91,37 @@ def save_outputs(trainer: Trainer, processor: ProcessorMixin, margs: ModelArgume
         save_partial_lora(base, staging)
     if not trainer.is_world_process_zero():
         return
-    processor.save_pretrained(staging)
-    # Inference must prepare images as training did (course_lib.serving.loading.read_preprocessing).
+    padded = dargs.pad_to_square or bool(getattr(processor.image_processor, "do_pad", False))
+    (padding_processor(processor) if padded else processor).save_pretrained(staging)
+    # Inference must prepare images as training did (course_lib.serving.loading.read_preprocessing). Padding
+    # also lives in the saved processor, where transformers and vLLM read it; tiling is this course's alone.
     (staging / PREPROCESSING_FILE).write_text(json.dumps(
-        {"pad_to_square": dargs.pad_to_square, "image_tiling": dargs.image_tiling}, indent=1))
+        {"pad_to_square": padded, "image_tiling": dargs.image_tiling}, indent=1))
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the args are in training_summary.json
     state = {k: v.detach().float().cpu().contiguous()
              for k, v in base.model.multi_modal_projector.state_dict().items()}
     if margs.stage == "pretrain" or margs.train_type != "use_lora":
         save_file(state, str(staging / PROJECTOR_FILE), metadata={"format": "pt", "module": PROJECTOR})
     publish_model(staging, out)
+
+
+def padding_processor(processor: ProcessorMixin) -> ProcessorMixin:
+    """A copy of `processor` whose image processor pads to a square itself: transformers' LlavaImageProcessor
+    with `do_pad=True`, filled with the mean colour as LLaVA-1.5's `expand2square` does. Anything that loads
+    the folder (AutoProcessor, vLLM) then pads as training did; with CLIP's plain image processor it would
+    not, since `image_preprocessing.json` is this course's file and nobody else reads it."""
+    import copy
+
+    from transformers import LlavaImageProcessor
+
+    from course_lib.util.quiet import quiet_transformers
+
+    settings = processor.image_processor.to_dict()
+    padded = copy.copy(processor)
+    with quiet_transformers(progress_bars=False):  # without torchvision it says it uses the PIL backend
+        padded.image_processor = LlavaImageProcessor.from_dict(
+            {**settings, "do_pad": True, "image_processor_type": "LlavaImageProcessor"})
+    return padded
 
 
 def format_summary(summary: dict) -> str:
