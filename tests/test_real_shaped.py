@@ -114,9 +114,9 @@ def photo_data(tmp_path_factory):
 
 @pytest.mark.launcher
 def test_the_practitioners_path_runs_at_real_shapes(llava, photo_data, tmp_path, capsys):
-    """Stage 1 (frozen towers bit-identical), stage 2 with LLaVA-1.5's finetune_lora flags, merge (same
-    greedy answer as base + adapter), chat on a real photo, and eval: all at the real vocabulary and 576
-    tokens per image."""
+    """Stage 1 with LLaVA-1.5's pretrain flags (frozen towers bit-identical), stage 2 through run_zero2.sh with its
+    finetune_lora flags (padding saved in the processor), merge (same greedy answer as base + adapter), chat
+    on a real photo, and eval: all at the real vocabulary and 576 tokens per image."""
     from safetensors.torch import load_file
 
     from course_lib.chat import Chat
@@ -129,8 +129,13 @@ def test_the_practitioners_path_runs_at_real_shapes(llava, photo_data, tmp_path,
     fast = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy",
             "no", "--model_max_length", "1024", "--learning_rate", "1e-3"]
     stage1 = tmp_path / "pretrain"
-    summary = train.run(["--stage", "pretrain", "--model_name_or_path", str(folder), "--data_path",
-                         str(photo_data / "captions.json"), *images, "--output_dir", str(stage1), *fast])
+    # Stage 1 with LLaVA-1.5's pretrain.sh flags.
+    summary = train.run(["--model_name_or_path", str(folder), "--data_path", str(photo_data / "captions.json"),
+                         *images, "--output_dir", str(stage1), "--version", "plain", "--tune_mm_mlp_adapter", "True",
+                         "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2",
+                         "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False", "--tf32", "True",
+                         "--vision_tower", "openai/clip-vit-large-patch14-336", *fast])
+    assert summary["stage"] == "pretrain" and summary["args"]["template"] == "plain"
     assert summary["steps"] == 2 and summary["skipped"] == {}
     before, after = load_file(folder / "model.safetensors"), load_file(stage1 / "model.safetensors")
     frozen = [k for k in before if "multi_modal_projector" not in k]
