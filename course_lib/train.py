@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from course_lib.data.image_tokens import image_token_count
+from course_lib.data.records import check_records
 from course_lib.lessons.scoreboard import plot_loss_curves
 from course_lib.training.arguments import check_tiling_fits, log, parse_args, precision
 from course_lib.training.checkpoints import SUMMARY, format_summary, latest_complete_checkpoint, save_outputs
@@ -35,7 +36,8 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category
 def run(argv: list[str], callbacks: list | None = None) -> dict:
     """Train as the command line says; returns the summary dict (also written to the output folder)."""
     margs, dargs, targs = parse_args(argv)
-    if margs.check_only:
+    if margs.check_only:  # run_zero2.sh, before launching ranks that would each print the same error
+        check_records(dargs.data_path, dargs.image_folder)
         return {}
     from course_lib.data.collators import PackedCollator, PaddedCollator
     from course_lib.data.dataset import LlavaDataset

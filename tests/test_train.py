@@ -470,3 +470,17 @@ def test_llava_finetune_lora_flags_train_and_save_a_loadable_adapter(stage1, sma
     loaded = load_trained(out, device="cpu")
     assert loaded.kind == "lora" and loaded.preprocessing["pad_to_square"]
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 128
+
+
+@pytest.mark.launcher
+def test_run_zero2_reports_unreadable_data_once_before_launching(tmp_path):
+    """A Latin-1 data file used to reach every rank, each printing its error, then DeepSpeed's launcher its own."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    data = tmp_path / "latin1.json"
+    data.write_bytes('[{"id": "é", "conversations": []}]'.encode("latin-1"))
+    proc = subprocess.run(["bash", str(REPO / "run_zero2.sh"), "--model_name_or_path", "tiny", "--data_path",
+                           str(data), "--output_dir", str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 2 and not (tmp_path / "out").exists()
+    assert proc.stderr.strip().splitlines() == [f"error: {data} is not UTF-8 text (byte 0xe9 at offset 9); "
+                                                "save it as UTF-8"]
