@@ -23,7 +23,13 @@ from course_lib.data.image_tokens import image_token_count
 from course_lib.data.records import check_records
 from course_lib.lessons.scoreboard import plot_loss_curves
 from course_lib.training.arguments import check_tiling_fits, log, parse_args, precision
-from course_lib.training.checkpoints import SUMMARY, format_summary, latest_complete_checkpoint, save_outputs
+from course_lib.training.checkpoints import (
+    SUMMARY,
+    check_resume,
+    format_summary,
+    latest_complete_checkpoint,
+    save_outputs,
+)
 from course_lib.training.safe_loading import weights_only_loading
 from course_lib.training.trainable import prepare_model
 from course_lib.training.trainer import load_model, load_processor, make_trainer
@@ -36,6 +42,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category
 def run(argv: list[str], callbacks: list | None = None) -> dict:
     """Train as the command line says; returns the summary dict (also written to the output folder)."""
     margs, dargs, targs = parse_args(argv)
+    check_resume(targs.resume_from_checkpoint)
     if margs.check_only:  # run_zero2.sh, before launching ranks that would each print the same error
         check_records(dargs.data_path, dargs.image_folder)
         return {}

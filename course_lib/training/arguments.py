@@ -141,19 +141,10 @@ def _check_numbers(margs: ModelArguments, dargs: DataArguments, targs: TrainingA
 
 
 def _check_outputs(targs: TrainingArguments) -> None:
-    """The output folder can be written, and a named checkpoint exists and is complete."""
-    from course_lib.training.checkpoints import TRAINER_STATE, is_complete_checkpoint
+    """The output folder can be written (a named checkpoint is checked by `checkpoints.check_resume`)."""
     from course_lib.util.files import check_writable
 
     check_writable(targs.output_dir, "--output_dir", folder=True)
-    resume = targs.resume_from_checkpoint
-    if resume and resume != "auto":
-        if not Path(resume).is_dir():
-            raise TrainSetupError(f"--resume_from_checkpoint {resume}: no such checkpoint folder "
-                                  "(or pass 'auto' for the newest complete one in --output_dir)")
-        if not is_complete_checkpoint(resume):
-            raise TrainSetupError(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no whole "
-                                  f"{TRAINER_STATE}: a save was interrupted?); pass 'auto' for the newest complete one")
 
 
 def _check_deepspeed_config(path: str) -> None:

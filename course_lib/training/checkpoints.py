@@ -65,6 +65,20 @@ def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
+def check_resume(resume: str | None) -> None:
+    """`--resume_from_checkpoint`: 'auto', or an existing and complete checkpoint; else a TrainSetupError."""
+    from course_lib.training.trainable import TrainSetupError
+
+    if not resume or resume == "auto":
+        return
+    if not Path(resume).is_dir():
+        raise TrainSetupError(f"--resume_from_checkpoint {resume}: no such checkpoint folder "
+                              "(or pass 'auto' for the newest complete one in --output_dir)")
+    if not is_complete_checkpoint(resume):
+        raise TrainSetupError(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no whole "
+                              f"{TRAINER_STATE}: a save was interrupted?); pass 'auto' for the newest complete one")
+
+
 def is_complete_checkpoint(folder: str | Path) -> bool:
     """The Trainer writes trainer_state.json last, and not atomically: complete means it is there and whole."""
     try:
