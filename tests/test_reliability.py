@@ -130,6 +130,7 @@ CORPUS = [
     ("train", _train("{control}", "--stage", "finetune", "--pretrain_projector", "{empty}/model.safetensors"),
      "none of its 1 records is usable ({'control_token': 1}"),
     ("train", [*_train("{eval}")[2:], "--model_name_or_path", "{llm}"], "expected a LLaVA folder"),
+    ("train", [*_train("{eval}")[2:], "--model_name_or_path", "{broken_config}"], "expected a LLaVA folder"),
     ("train", _train("{eval}", "--stage", "finetune"), "has no stage-1 projector"),
     ("chat", ["--model", "/no/such/run", "--prompt", "hi"], "--model /no/such/run: no such folder"),
     ("chat", ["--model", "{empty}", "--image", "/no/such.png", "--prompt", "hi"], "/no/such.png"),

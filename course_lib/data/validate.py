@@ -89,7 +89,7 @@ def validate(data_file: Path, image_folder: Path, processor: ProcessorMixin, tem
         if sid in seen:  # training does not mind; eval joins answers by id and refuses the file
             problems.append(DataError("duplicate_id", "this id is used by an earlier record too"))
         seen.add(sid)
-        report.problems += [(record_id(record, index), p.reason, p.message) for p in problems]
+        report.problems += [(sid, p.reason, p.message) for p in problems]
         report.text_lengths += [] if n_text is None else [n_text]
         report.n_samples += 1
     return report

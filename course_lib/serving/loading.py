@@ -80,6 +80,14 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def is_llava_folder(folder: str | Path | None) -> bool:
+    """Whether `folder` holds a LLaVA config.json (model_type 'llava'); False for anything unreadable."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "llava"
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+
+
 def checkpoint_kind(folder: str | Path) -> Kind:
     """`lora` for a PEFT adapter folder, `full` for a Llava checkpoint (merged ones included)."""
     folder = Path(folder)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from course_lib.serving.loading import is_llava_folder
 from course_lib.training.llava_flags import translate_llava_flags
 from course_lib.training.recipes import STAGES, trainer_defaults
 from course_lib.training.trainable import TrainSetupError, normalize_train_type
@@ -171,8 +172,7 @@ def _check_paths(margs: ModelArguments, dargs: DataArguments) -> None:
                                   "(or --pretrain_projector PATH); 'tiny' has an untrained projector")
         return
     model_dir = Path(margs.model_name_or_path)
-    config = model_dir / "config.json"
-    if not config.is_file() or json.loads(config.read_text()).get("model_type") != "llava":
+    if not is_llava_folder(model_dir):
         raise TrainSetupError(f"--model_name_or_path {model_dir}: expected a LLaVA folder "
                               "(from `python -m course_lib.build` or a stage-1 run), found no llava config.json")
     if margs.stage == "finetune" and not (margs.pretrain_projector or (model_dir / PROJECTOR_FILE).is_file()):

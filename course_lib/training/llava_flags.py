@@ -16,9 +16,7 @@ transformers 5 renamed: `--evaluation_strategy` and `--warmup_ratio`.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
+from course_lib.serving.loading import is_llava_folder
 from course_lib.training.trainable import TrainSetupError
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -68,13 +66,6 @@ def _split(argv: list[str]) -> list[tuple[str, str | None, list[str]]]:
     return pairs
 
 
-def _is_llava_folder(path: str | None) -> bool:
-    try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "llava"
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def translate_llava_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     """(argv in this course's flags, notes on what was translated or dropped); TrainSetupError for a flag
     that asks for something this course does not do."""
@@ -116,7 +107,7 @@ def translate_llava_flags(argv: list[str]) -> tuple[list[str], list[str]]:
             add("template", "plain" if low == "plain" else "chat",
                 f"--version {value}" + ("" if low == "plain" else " (the tokenizer's own chat template is used)"))
         elif name == "vision_tower":
-            if not _is_llava_folder(given.get("model_name_or_path")):
+            if not is_llava_folder(given.get("model_name_or_path")):
                 raise TrainSetupError(
                     f"--vision_tower {value}: this course builds the LLaVA before training: python -m "
                     f"course_lib.build --vision {value} --llm {given.get('model_name_or_path') or 'LLM'} "
