@@ -22,7 +22,7 @@ from torch import nn
 from course_lib.data.image_tokens import num_image_tokens
 from course_lib.data.records import IMAGE_TOKEN
 from course_lib.model.chat_template import LLAVA_QWEN_TEMPLATE
-from course_lib.util.cli import Parser, UserError, command
+from course_lib.util.cli import Parser, UserError, command, first_line
 from course_lib.util.files import check_writable
 from course_lib.util.quiet import quiet_transformers
 
@@ -67,8 +67,7 @@ def _load_config(name: str, what: str, expected: str):
     try:
         return AutoConfig.from_pretrained(name)  # never trust_remote_code: these are stock architectures
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BuildError(f"--{what} {name}: cannot load a {expected} config ({first})") from None
+        raise BuildError(f"--{what} {name}: cannot load a {expected} config ({first_line(err)})") from None
 
 
 def vision_config_of(name: str) -> CLIPVisionConfig:

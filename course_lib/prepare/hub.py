@@ -6,6 +6,7 @@ from pathlib import Path
 
 from course_lib.prepare.errors import InputError
 from course_lib.prepare.paths import require_dir
+from course_lib.util.cli import first_line
 
 
 def snapshot(repo_id: str, allow_patterns: list[str], from_dir: Path | None) -> Path:
@@ -21,6 +22,6 @@ def snapshot(repo_id: str, allow_patterns: list[str], from_dir: Path | None) -> 
     try:
         path = snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=allow_patterns)
     except Exception as err:  # noqa: BLE001 - any hub/network failure becomes one readable line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise InputError(f"could not download {repo_id} ({reason}); download it yourself and pass --from_dir") from None
     return Path(path)

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from course_lib.model.partial_lora import has_partial_lora, load_partial_lora
-from course_lib.util.cli import UserError
+from course_lib.util.cli import UserError, first_line
 from course_lib.util.quiet import quiet_transformers
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -124,7 +124,7 @@ def adapter_base(folder: str | Path) -> Path:
         base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
     except (ValueError, TypeError, OSError) as err:  # broken JSON is a ValueError
         raise LoadError(f"{folder / ADAPTER_CONFIG}: not a readable PEFT adapter config "
-                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+                        f"({first_line(err)})") from None
     if not base:
         raise LoadError(f"{folder / ADAPTER_CONFIG}: base_model_name_or_path is empty; set it to the stage-1 "
                         "LLaVA folder the adapter was trained from (or pass base=... to load_trained)")
@@ -197,8 +197,8 @@ def _damaged_files_named(path: Path) -> Iterator[None]:
     except LoadError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LoadError(f"--model {path}: cannot load it, a file is damaged or incomplete ({first})") from None
+        raise LoadError(f"--model {path}: cannot load it, a file is damaged or incomplete "
+                        f"({first_line(err)})") from None
 
 
 def _require_safetensors(folder: Path, names: tuple[str, ...]) -> None:

@@ -15,6 +15,7 @@ from course_lib.serving.loading import is_llava_folder
 from course_lib.training.llava_flags import translate_llava_flags
 from course_lib.training.recipes import STAGES, trainer_defaults
 from course_lib.training.trainable import TrainSetupError, normalize_train_type
+from course_lib.util.cli import first_line
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -95,7 +96,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
     except ValueError as err:
         if isinstance(err, TrainSetupError):
             raise
-        raise TrainSetupError(str(err).splitlines()[0]) from None
+        raise TrainSetupError(first_line(err)) from None
     if not _given(argv, "include_num_input_tokens_seen"):
         targs.include_num_input_tokens_seen = "non_padding"
     margs.train_type = train_type

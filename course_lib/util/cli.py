@@ -42,7 +42,8 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(USER_ERROR)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An exception's first line of text, or its type's name when it has none: for one-line errors."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
@@ -52,14 +53,14 @@ def describe(err: BaseException) -> tuple[str, int]:
     import torch
 
     if isinstance(err, UserError):
-        return _first_line(err), USER_ERROR
+        return first_line(err), USER_ERROR
     if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
         return ("out of memory: lower --per_device_train_batch_size or --model_max_length, or use a machine "
-                f"with more memory ({_first_line(err)})"), USER_ERROR
+                f"with more memory ({first_line(err)})"), USER_ERROR
     if isinstance(err, OSError) and (err.filename or err.strerror):
         where = f"{err.filename}: " if err.filename else ""
-        return f"{where}{err.strerror or _first_line(err)}", USER_ERROR
-    return (f"unexpected {type(err).__name__}: {_first_line(err)} (this is a bug in course_lib; "
+        return f"{where}{err.strerror or first_line(err)}", USER_ERROR
+    return (f"unexpected {type(err).__name__}: {first_line(err)} (this is a bug in course_lib; "
             f"rerun with {DEBUG_ENV}=1 for the traceback)"), BUG
 
 
