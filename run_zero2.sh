@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# run_zero2.sh: train a LLaVA with DeepSpeed ZeRO-2. The same script runs 2 CPU ranks on a laptop
-# and N GPUs on a GPU node.
+# run_zero2.sh: train a LLaVA with DeepSpeed ZeRO-2. The same script runs on a laptop's CPU and on the
+# GPUs of one node.
 #
 #   bash run_zero2.sh                 no arguments: the tiny world end to end
 #                                     (empty LLaVA -> stage 1 pretrain -> stage 2 LoRA finetune)
@@ -13,7 +13,9 @@
 #
 # Every Hugging Face TrainingArguments flag passes through to `python -m course_lib.train`.
 # GPU selection: NUM_GPUS=4 or INCLUDE=localhost:0,1 (or --num_gpus N / --include SPEC).
-# Without CUDA: DeepSpeed's CPU accelerator with NUM_PROCS ranks (default 2).
+# Without CUDA: DeepSpeed's CPU accelerator with NUM_PROCS ranks (default 1, with every core; on 2 cores it
+# was 1.55x faster per step than two ranks on one machine and as fast on another, benchmarks/RESULTS.md).
+# NUM_PROCS=2 shows ZeRO sharding the gradients and optimizer states over two ranks.
 # --deepspeed PATH replaces the shipped configs/zero2.json (e.g. LLaVA's zero2.json with "auto" values).
 set -euo pipefail
 
@@ -39,7 +41,7 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
   elif [[ -n "$NUM_GPUS" ]]; then launcher+=(--num_gpus "$NUM_GPUS"); fi
 else
   export DS_ACCELERATOR=cpu
-  NUM_PROCS="${NUM_PROCS:-2}"
+  NUM_PROCS="${NUM_PROCS:-1}"
   launcher+=(--num_gpus "$NUM_PROCS")
   cores=$(nproc)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / NUM_PROCS > 0 ? cores / NUM_PROCS : 1 ))}"
@@ -69,7 +71,8 @@ if [[ ! -f "$OUT/empty_llava/config.json" ]]; then
   "$PYTHON" -m course_lib.build --vision tiny --llm tiny --out "$OUT/empty_llava"
 fi
 # The flags of each stage come from the course's one recipe book (course_lib/training/recipes.py).
-recipe() { "$PYTHON" -m course_lib.training.recipes "$@" --data "$TINY_DATA"; }
+# On CPU the recipe's batch of 32 is split over the NUM_PROCS ranks.
+recipe() { "$PYTHON" -m course_lib.training.recipes "$@" --data "$TINY_DATA" --ranks "${NUM_PROCS:-1}"; }
 # Stage 1, LLaVA-1.5's pretrain recipe scaled down: projector only, lr 1e-3, one epoch.
 mapfile -t flags < <(recipe pretrain --model "$OUT/empty_llava" --output_dir "$OUT/pretrain")
 train "${flags[@]}"

@@ -80,6 +80,12 @@ def loader_part(out: Path) -> dict:
     return {"rates": rates, "step_samples_per_s": consumed}
 
 
+def _rates(result: dict) -> str:
+    """'fp32 0.160, bf16 1.075 TFLOP/s' (older results.json files have only matmul_tflops)."""
+    rates = result.get("matmul_tflops_by_dtype", {result["dtype"]: result["matmul_tflops"]})
+    return ", ".join(f"{name} {rate:.3f}" for name, rate in rates.items()) + " TFLOP/s"
+
+
 def markdown(report: dict) -> str:
     """The run as a RESULTS.md section: environment, command, and every table, from results.json."""
     env, result = report["env"], report["throughput"]
@@ -89,8 +95,8 @@ def markdown(report: dict) -> str:
              f"{env['transformers']})", "",
              f"{result['samples']} samples, mean {result['mean_length']:.0f} tokens, max {result['max_length']}; "
              f"batch {result['batch_size']} vs {result['rows_per_step']} packed rows of {result['row_tokens']}; "
-             f"median of {result['repeats']} alternating rounds; measured matmul rate "
-             f"{result['matmul_tflops']:.3f} TFLOP/s.", "",
+             f"median of {result['repeats']} alternating rounds; MFU against the best measured matmul rate, "
+             f"{_rates(result)}.", "",
              speed.format_throughput(result, markdown=True)]
     if "loader" in report:
         loader = report["loader"]
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                               gradient_checkpointing=args.gradient_checkpointing, progress=print)
     print(f"\nthroughput: {geometry.name}, {args.samples} samples (mean {result['mean_length']:.0f} tokens, "
           f"max {result['max_length']}), batch {args.batch_size} vs {result['rows_per_step']} packed rows of "
-          f"{geometry.row_tokens}; median of {args.repeats} rounds; matmul peak {result['matmul_tflops']:.2f} TFLOP/s")
+          f"{geometry.row_tokens}; median of {args.repeats} rounds; MFU against the best matmul rate: {_rates(result)}")
     print(speed.format_throughput(result))
     plots.plot_throughput(result).savefig(out / "throughput.png", dpi=100)
     report = {"env": env, "throughput": result}

@@ -484,3 +484,20 @@ def test_run_zero2_reports_unreadable_data_once_before_launching(tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "out").exists()
     assert proc.stderr.strip().splitlines() == [f"error: {data} is not UTF-8 text (byte 0xe9 at offset 9); "
                                                 "save it as UTF-8"]
+
+
+def test_tiny_recipe_keeps_its_global_batch_over_any_number_of_ranks(tmp_path):
+    """run_zero2.sh's CPU default is one rank; notebook 04 uses two to show ZeRO sharding. Either way an
+    optimizer step sees the recipe's 32 samples, so the runs are the same recipe."""
+    from course_lib.training.recipes import main, tiny_flags
+
+    def batch(flags):
+        return int(flags[flags.index("--per_device_train_batch_size") + 1])
+
+    for ranks in (1, 2, 4):
+        for stage, kind in (("pretrain", None), ("finetune", "freeze_vision")):
+            flags = tiny_flags(stage, kind, data=tmp_path, model="m", output_dir="o", ranks=ranks)
+            assert batch(flags) * ranks == 32, (ranks, stage)
+    with pytest.raises(ValueError, match="ranks 3"):
+        tiny_flags("pretrain", data=tmp_path, model="m", output_dir="o", ranks=3)
+    assert main(["pretrain", "--model", "m", "--output_dir", "o", "--data", str(tmp_path), "--ranks", "3"]) == 2

@@ -20,13 +20,16 @@ def runs_dir() -> Path:
     return Path(os.environ.get("COURSE_LIB_RUNS", REPO / "runs" / "tiny"))
 
 
-def run_zero2(*flags: str, quiet: bool = True) -> None:
+def run_zero2(*flags: str, quiet: bool = True, ranks: int | None = None) -> None:
     """`bash run_zero2.sh FLAGS...` with this Python first on PATH; raises LaunchError on failure.
 
     With `quiet`, only the launcher's own lines, losses and the final summary are shown; the full log
-    is kept and its tail is put into the error if the run fails.
+    is kept and its tail is put into the error if the run fails. `ranks` sets the number of CPU ranks
+    (run_zero2.sh's NUM_PROCS; its default is 1); on GPUs the script uses every GPU it sees.
     """
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if ranks is not None:
+        env["NUM_PROCS"] = str(ranks)
     cmd = ["bash", str(REPO / "run_zero2.sh"), *map(str, flags)]
     print("$", " ".join(cmd[1:]), flush=True)
     tail: deque[str] = deque(maxlen=40)
