@@ -13,9 +13,9 @@
 #
 # Every Hugging Face TrainingArguments flag passes through to `python -m course_lib.train`.
 # GPU selection: NUM_GPUS=4 or INCLUDE=localhost:0,1 (or --num_gpus N / --include SPEC).
-# Without CUDA: DeepSpeed's CPU accelerator with NUM_PROCS ranks (default 1, with every core; on 2 cores it
-# was 1.55x faster per step than two ranks on one machine and as fast on another, benchmarks/RESULTS.md).
-# NUM_PROCS=2 shows ZeRO sharding the gradients and optimizer states over two ranks.
+# Without CUDA: DeepSpeed's CPU accelerator with NUM_PROCS ranks (default 2, the cores split between them).
+# One rank with every core is not always faster on 2 cores: freeze_vision ran 1.55x faster per step on one
+# machine and as fast on another, where LoRA ran 1.4x slower (benchmarks/RESULTS.md).
 # --deepspeed PATH replaces the shipped configs/zero2.json (e.g. LLaVA's zero2.json with "auto" values).
 set -euo pipefail
 
@@ -41,7 +41,7 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
   elif [[ -n "$NUM_GPUS" ]]; then launcher+=(--num_gpus "$NUM_GPUS"); fi
 else
   export DS_ACCELERATOR=cpu
-  NUM_PROCS="${NUM_PROCS:-1}"
+  NUM_PROCS="${NUM_PROCS:-2}"
   launcher+=(--num_gpus "$NUM_PROCS")
   cores=$(nproc)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / NUM_PROCS > 0 ? cores / NUM_PROCS : 1 ))}"
@@ -71,7 +71,7 @@ if [[ ! -f "$OUT/empty_llava/config.json" ]]; then
   "$PYTHON" -m course_lib.build --vision tiny --llm tiny --out "$OUT/empty_llava"
 fi
 # The flags of each stage come from the course's one recipe book (course_lib/training/recipes.py).
-# On CPU the recipe's batch of 32 is split over the NUM_PROCS ranks.
+# On CPU the recipe's batch of 32 is split over the NUM_PROCS ranks (on GPUs each gets 32).
 recipe() { "$PYTHON" -m course_lib.training.recipes "$@" --data "$TINY_DATA" --ranks "${NUM_PROCS:-1}"; }
 # Stage 1, LLaVA-1.5's pretrain recipe scaled down: projector only, lr 1e-3, one epoch.
 mapfile -t flags < <(recipe pretrain --model "$OUT/empty_llava" --output_dir "$OUT/pretrain")

@@ -25,7 +25,7 @@ def run_zero2(*flags: str, quiet: bool = True, ranks: int | None = None) -> None
 
     With `quiet`, only the launcher's own lines, losses and the final summary are shown; the full log
     is kept and its tail is put into the error if the run fails. `ranks` sets the number of CPU ranks
-    (run_zero2.sh's NUM_PROCS; its default is 1); on GPUs the script uses every GPU it sees.
+    (run_zero2.sh's NUM_PROCS; its default is 2); on GPUs the script uses every GPU it sees.
     """
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if ranks is not None:

@@ -6,7 +6,7 @@ the notebooks and the tests:
 * LLaVA-1.5's (haotian-liu/LLaVA, scripts/v1_5/pretrain.sh, finetune.sh and finetune_lora.sh): stage 1
   lr 1e-3; stage 2 lr 2e-5 in full, 2e-4 with LoRA. They are `course_lib.train`'s defaults, so a real
   run needs no learning-rate flag.
-* The tiny world's: a global batch of 32 (32 per rank on one rank, 16 on two), one epoch, the projector at
+* The tiny world's: a global batch of 32 (16 per rank on run_zero2.sh's 2 CPU ranks), one epoch, the projector at
   1e-3 in stage 2, and per-train-type learning rates tuned on the tiny world's held-out set (higher than
   LLaVA's: the models are small and trained from scratch, and one epoch is 188 steps).
 
@@ -27,6 +27,7 @@ TINY_LR = {"pretrain": "1e-3", "use_lora": "1e-3", "partial_lora": "1e-3", "free
            "none": "2e-4"}
 TINY_PROJECTOR_LR = "1e-3"
 TINY_GLOBAL_BATCH = 32  # samples per optimizer step, whatever the number of ranks
+CPU_RANKS = 2  # run_zero2.sh's default NUM_PROCS without CUDA
 
 
 def trainer_defaults(stage: str, train_type: str) -> dict[str, str]:
@@ -39,7 +40,7 @@ def trainer_defaults(stage: str, train_type: str) -> dict[str, str]:
 
 
 def tiny_flags(stage: str, train_type: str | None = None, *, data: str | Path, model: str | Path,
-               output_dir: str | Path, epochs: int = 1, ranks: int = 1) -> list[str]:
+               output_dir: str | Path, epochs: int = 1, ranks: int = CPU_RANKS) -> list[str]:
     """The tiny world's flags for one stage: `data` is the world's data folder ($TINY_DATA); `ranks` is the
     number of DeepSpeed ranks that share the global batch of 32 (run_zero2.sh's NUM_PROCS on CPU)."""
     data = Path(data)
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--ranks", type=int, default=1, help="DeepSpeed ranks sharing the batch of 32 (default 1)")
+    parser.add_argument("--ranks", type=int, default=CPU_RANKS,
+                        help=f"DeepSpeed ranks sharing the batch of 32 (default {CPU_RANKS})")
     parser.add_argument("--data", default=None, help="the tiny world's data folder (default: build or find it)")
     args = parser.parse_args(argv)
     if args.data is None:
