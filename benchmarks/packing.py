@@ -2,6 +2,7 @@
 
     python -m benchmarks.packing                      # CPU, the tiny geometry, ~3 min on 2 cores
     python -m benchmarks.packing --quick              # ~1 min (notebook 08)
+    python -m benchmarks.packing --attn sdpa_packed   # packed rows attend per sample (no cross-sample work)
     python -m benchmarks.packing --device cuda --geometry qwen2.5-0.5b --dtype bfloat16 \\
         --attn flash_attention_2 --gradient_checkpointing true
 
@@ -43,7 +44,9 @@ def parse_args(argv):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--geometry", default="tiny", choices=sorted(speed.GEOMETRIES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2", "flex_attention"])
+    parser.add_argument("--attn", default="sdpa",
+                        choices=["sdpa", "sdpa_packed", "eager", "flash_attention_2", "flex_attention"],
+                        help="sdpa_packed: SDPA per sample inside packed rows (course_lib.model.packed_attention)")
     parser.add_argument("--gradient_checkpointing", type=_bool, default=False)
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--batch_size", type=int, default=8)

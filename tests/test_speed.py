@@ -66,3 +66,33 @@ def test_cli_refuses_cuda_without_a_gpu():
     run = subprocess.run([sys.executable, "-m", "benchmarks.packing", "--device", "cuda"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "no CUDA device here" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_per_sample_attention_in_packed_rows_is_exactly_sdpa_with_the_block_mask():
+    """sdpa_packed splits each packed row at its samples and attends within each: loss, logits and every
+    gradient must be SDPA's with transformers' dense block-diagonal mask, one flat row and rows of 1024 alike;
+    a padded batch (no split) falls through to SDPA. The blocks are read off the mask itself."""
+    from course_lib.data.collators import PackedCollator, PaddedCollator, ReferenceCollator
+    from course_lib.model.packed_attention import NAME, diagonal_blocks
+
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    mask[3:, :3] = False
+    assert diagonal_blocks(mask, min_block=1) == [(0, 3), (3, 7)]
+    assert diagonal_blocks(mask) == [(0, 7)]  # short blocks join their neighbour (left padding: one per token)
+    mask[5, 1] = True  # one query that looks back across the cut: no split there
+    assert diagonal_blocks(mask, min_block=1) == [(0, 7)]
+
+    geometry = speed.GEOMETRIES["tiny"]
+    items = speed.make_samples(geometry, 8, seed=1)
+    for collator in (PackedCollator(10 ** 9), PackedCollator(10 ** 9, row_tokens=1024), PaddedCollator(0),
+                     ReferenceCollator(0)):
+        batch = collator(items)
+        runs = []
+        for attn in ("sdpa", NAME):
+            model = speed.build_model(geometry, attn=attn, seed=0)
+            out = model(**batch)
+            out.loss.backward()
+            runs.append((out.loss, out.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        (loss, logits, grads), (loss2, logits2, grads2) = runs
+        assert torch.allclose(loss, loss2, atol=1e-6) and torch.allclose(logits, logits2, atol=1e-5)
+        assert grads.keys() == grads2.keys() and all(torch.allclose(grads[k], grads2[k], atol=1e-6) for k in grads)

@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from course_lib.data.collators import PackedCollator, PaddedCollator, ReferenceCollator, first_fit_decreasing
 from course_lib.data.image_tokens import num_image_tokens
 from course_lib.data.labels import IGNORE_INDEX
+from course_lib.model import packed_attention
 from course_lib.model.geometry import CLIP_L_336, QWEN2_5
 from course_lib.util.tables import render_table
 
@@ -85,6 +86,8 @@ def build_model(geometry: Geometry, attn: str = "sdpa", dtype: torch.dtype = tor
                          image_seq_length=num_image_tokens(geometry.vision), vision_feature_layer=-2,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
                          tie_word_embeddings=geometry.text["tie_word_embeddings"])
+    if attn == packed_attention.NAME:
+        packed_attention.register()
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
@@ -260,7 +263,8 @@ def throughput(geometry: Geometry, n_samples: int = 96, batch_size: int = 8, rep
                  items, geometry.row_tokens, rows_per_step, seed))]
     # FlashAttention-2's varlen kernel (cu_seq_lens) and flex attention's block mask (built from the restarting
     # position_ids by transformers' find_packed_sequence_indices) both skip cross-sample blocks, so one flat
-    # row per step costs nothing extra; SDPA and eager would pay for a dense [T, T] mask.
+    # row per step costs nothing extra; SDPA and eager would pay for a dense [T, T] mask. So does sdpa_packed,
+    # which reads its blocks off that mask: it keeps rows of row_tokens.
     if attn in ("flash_attention_2", "flex_attention"):
         modes.append(Mode("packed-1row", PackedCollator(10 ** 9), packed_batches(
             items, geometry.row_tokens, rows_per_step, seed)))
