@@ -22,6 +22,7 @@ from pathlib import Path
 from course_lib.data.image_tokens import image_token_count
 from course_lib.data.records import check_records
 from course_lib.lessons.scoreboard import plot_loss_curves
+from course_lib.model.packed_attention import use_for_packing
 from course_lib.training.arguments import check_tiling_fits, log, parse_args, precision
 from course_lib.training.checkpoints import (
     SUMMARY,
@@ -63,6 +64,8 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
                            pad_to_square=dargs.pad_to_square, image_tiling=dargs.image_tiling)
     model = load_model(margs, dtype)
     model.config.text_config.use_cache = False  # no KV cache in training (one also disables packed masks)
+    if dargs.packing:  # SDPA attends per sample inside each packed row: same numbers, no cross-sample work
+        use_for_packing(model)
     model = prepare_model(model, margs.stage, margs.train_type, margs.lora_r, margs.lora_alpha, margs.lora_dropout,
                           gradient_checkpointing=targs.gradient_checkpointing)
     pad_id = processor.tokenizer.pad_token_id
@@ -73,8 +76,9 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
                                row_tokens=None if flat else dargs.model_max_length, pad_token_id=pad_id)
                 if dargs.packing else PaddedCollator(pad_token_id=pad_id))
     stage_name = margs.stage + ("" if margs.stage == "pretrain" else f" / {margs.train_type}")
-    log(f"{stage_name}: {len(dataset)} samples, template {template}, {dtype}, "
-         f"attention {getattr(model.config, '_attn_implementation', '?')}\n" + format_table(param_table(model)))
+    attention = getattr(model.config.text_config, "_attn_implementation", "?")
+    log(f"{stage_name}: {len(dataset)} samples, template {template}, {dtype}, attention {attention}\n"
+        + format_table(param_table(model)))
 
     out = Path(targs.output_dir)
     resume = targs.resume_from_checkpoint

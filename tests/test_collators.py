@@ -74,6 +74,16 @@ def test_packed_loss_equals_padded_loss(items, empty_llava):
         padded = model(**PaddedCollator(processor.tokenizer.pad_token_id)(items)).loss
         packed = model(**PackedCollator(max_tokens=1000)(items)).loss
     assert abs(padded.item() - packed.item()) < 1e-5, (padded.item(), packed.item())
+    # What `course_lib.train --packing true` trains with on SDPA: attention per sample inside the row.
+    from course_lib.model.packed_attention import NAME, use_for_packing
+
+    try:
+        assert use_for_packing(model) and model.config.text_config._attn_implementation == NAME
+        with torch.no_grad():
+            per_sample = model(**PackedCollator(max_tokens=1000)(items)).loss
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    assert abs(padded.item() - per_sample.item()) < 1e-5, (padded.item(), per_sample.item())
 
 
 def test_first_fit_decreasing_by_hand():

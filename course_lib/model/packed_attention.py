@@ -7,9 +7,8 @@ kernel skips the blocks between samples; FlexAttention would too, but it has no 
 2.13). This attention function reads the diagonal blocks off the mask and attends within each one, with
 SDPA's causal fast path where a block is plainly causal: the same numbers, less work.
 
-    from course_lib.model.packed_attention import NAME, register
-    register()
-    model.model.language_model.set_attn_implementation(NAME)   # or attn_implementation=NAME at load time
+    from course_lib.model.packed_attention import use_for_packing
+    use_for_packing(llava)   # what `course_lib.train --packing true` does when the LM runs on SDPA
 
 Rows that are not packed (a padded batch, generation with a KV cache) fall through to transformers' SDPA.
 """
@@ -88,3 +87,17 @@ def register() -> None:
 
     AttentionInterface.register(NAME, sdpa_packed_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_for_packing(model) -> bool:
+    """Switch a LLaVA's language model from SDPA to `NAME` for packed training; True if it switched.
+
+    The numbers stay the same, only the work between samples goes. FlashAttention-2 (varlen) and eager
+    are left as they are, and so is the vision tower (it never sees packed rows). The choice is not saved
+    with the model: transformers does not write the attention implementation into config.json.
+    """
+    if getattr(model.config.text_config, "_attn_implementation", None) != "sdpa":
+        return False
+    register()
+    model.set_attn_implementation({"text_config": NAME})
+    return True
