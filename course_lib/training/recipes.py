@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data = ensure_tiny_world().data
     try:
         flags = tiny_flags(args.stage, args.train_type, data=args.data, model=args.model,
-                           output_dir=args.output_dir, epochs=args.epochs,
-                           ranks=args.ranks)
+                           output_dir=args.output_dir, epochs=args.epochs, ranks=args.ranks)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
