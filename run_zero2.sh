@@ -50,6 +50,7 @@ MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.
 
 train() {  # train FLAGS...: validate in one process (one-line errors), then launch DeepSpeed
   local flags=("$@")
+  COURSE_LAUNCHED_AT="$(date +%s.%N)"; export COURSE_LAUNCHED_AT  # train logs how long start-up took
   if [[ " ${flags[*]} " != *" --deepspeed "* && " ${flags[*]} " != *" --deepspeed="* ]]; then
     flags+=(--deepspeed "$HERE/configs/zero2.json")
   fi

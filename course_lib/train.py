@@ -13,6 +13,7 @@ Every Hugging Face `TrainingArguments` flag is accepted and passed through untou
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -20,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from course_lib.data.image_tokens import image_token_count
-from course_lib.data.records import check_records
+from course_lib.data.index import check_records
 from course_lib.lessons.scoreboard import plot_loss_curves
 from course_lib.model.packed_attention import use_for_packing
 from course_lib.training.arguments import check_tiling_fits, log, parse_args, precision
@@ -59,9 +60,12 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     processor = load_processor(margs)
     check_tiling_fits(dargs, image_token_count(processor))
     template = dargs.template if dargs.template != "auto" else ("plain" if margs.stage == "pretrain" else "chat")
+    data_start = time.time()
     dataset = LlavaDataset(dargs.data_path, processor, image_folder=dargs.image_folder, template=template,
                            model_max_length=dargs.model_max_length, on_bad_sample=dargs.on_bad_sample,
-                           pad_to_square=dargs.pad_to_square, image_tiling=dargs.image_tiling)
+                           pad_to_square=dargs.pad_to_square, image_tiling=dargs.image_tiling,
+                           num_proc=dargs.preprocessing_num_workers)
+    data_seconds = time.time() - data_start
     model = load_model(margs, dtype)
     model.config.text_config.use_cache = False  # no KV cache in training (one also disables packed masks)
     if dargs.packing:  # SDPA attends per sample inside each packed row: same numbers, no cross-sample work
@@ -77,7 +81,8 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
                 if dargs.packing else PaddedCollator(pad_token_id=pad_id))
     stage_name = margs.stage + ("" if margs.stage == "pretrain" else f" / {margs.train_type}")
     attention = getattr(model.config.text_config, "_attn_implementation", "?")
-    log(f"{stage_name}: {len(dataset)} samples, template {template}, {dtype}, attention {attention}\n"
+    log(f"{stage_name}: {len(dataset)} samples (data ready in {data_seconds:.1f} s), template {template}, {dtype}, "
+        f"attention {attention}\n"
         + format_table(param_table(model)))
 
     out = Path(targs.output_dir)
@@ -88,6 +93,8 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     trainer = make_trainer(model, targs, dataset, collator, margs.projector_lr, callbacks,
                            group_by_modality=dargs.group_by_modality_length)
     start = time.time()
+    if os.environ.get("COURSE_LAUNCHED_AT"):  # set by run_zero2.sh: what a launch costs before its first step
+        log(f"training starts {start - float(os.environ['COURSE_LAUNCHED_AT']):.1f} s after launch")
     with weights_only_loading():  # DeepSpeed's resume would unpickle in full: code could run
         result = trainer.train(resume_from_checkpoint=resume)
     save_outputs(trainer, processor, margs, dargs, out)

@@ -3,9 +3,10 @@
     ds = LlavaDataset("data/instruct.json", processor, template="chat", model_max_length=2048)
     ds[0] -> {"id", "input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values": [n_images, 3, H, W]}
 
-Text is read, checked and tokenized once, up front, so `lengths` are exact (for the length-grouped
-sampler and packing) and over-long samples are dropped before training starts; images are opened
-lazily, in `__getitem__`. Bad samples follow one policy, `on_bad_sample`:
+Text is read, checked and tokenized once per data file, up front, into the data index (`data/index.py`:
+Arrow files under $HF_DATASETS_CACHE that every rank and every later launch memory-maps), so `lengths`
+are exact (for the length-grouped sampler and packing) and over-long samples are dropped before training
+starts; images are opened lazily, in `__getitem__`. Bad samples follow one policy, `on_bad_sample`:
 
 * "skip" (default): the sample is counted in `stats` and logged once with its id and reason (the first
   few of each reason); a sample whose image turns out to be bad is replaced by the next good one, so
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,8 +30,9 @@ from PIL import Image
 
 from course_lib.data.image_tokens import image_size
 from course_lib.data.images import MAX_IMAGE_PIXELS, load_image, resolve_image_path
+from course_lib.data.index import digest, lengths_table, records_table, row_sample, tokenizer_fingerprint
 from course_lib.data.labels import Encoded, PromptEncoder
-from course_lib.data.records import DataError, Sample, duplicate_ids, locate_data, read_records, record_id, to_sample
+from course_lib.data.records import DataError, Sample, locate_data
 from course_lib.data.tiling import prepare_images, tile_count, tiled_sample
 
 __all__ = ["DataError", "LlavaDataset"]
@@ -43,7 +46,8 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_path: str | Path, processor, image_folder: str | Path | None = None,
                  template: str = "plain", model_max_length: int = 2048, on_bad_sample: str = "skip",
-                 pad_to_square: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS, image_tiling: int = 0):
+                 pad_to_square: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS, image_tiling: int = 0,
+                 num_proc: int | None = None):
         if on_bad_sample not in POLICIES:
             raise ValueError(f"on_bad_sample={on_bad_sample!r}; expected one of {POLICIES}")
         if model_max_length < 2:
@@ -53,45 +57,61 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.model_max_length, self.on_bad_sample = model_max_length, on_bad_sample
         self.pad_to_square, self.max_image_pixels = pad_to_square, max_image_pixels
         self.image_tiling = image_tiling  # > 0: each image becomes up to this many tiles + a thumbnail
-        self.tile_counts: list[tuple[int, ...]] = []
         self.stats: Counter = Counter()
-        self.samples: list[Sample] = []
-        self.lengths: list[int] = []
-        self.image_counts: list[int] = []
         self._bad: set[int] = set()
-        records = read_records(self.data_file)
-        for index, record in enumerate(records):
-            self._add(record, index)
-        if not self.samples:
-            raise DataError("no_good_samples", f"{self.data_file}: none of its {len(records)} records is usable"
-                                               + (f" ({dict(self.stats)}; see the warnings above)" if records else ""))
+        self._records = records_table(self.data_file)
+        key = digest(self._records._fingerprint, template, model_max_length, image_tiling, pad_to_square,
+                      self.image_folder.resolve(), tokenizer_fingerprint(processor))
+        self._measured = lengths_table(self._records, self, key, num_proc)
+        self._take_measurements()
+        self.samples = _Samples(self)
+
+    def _take_measurements(self) -> None:
+        """Lengths and image counts of the usable rows; every dropped row counted and the first few logged."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        table, n_records = self._measured.data, len(self._measured)
+        drop = table.column("drop")
+        self._rows = np.flatnonzero(pc.equal(drop, "").to_numpy(zero_copy_only=False))
+        self.lengths: list[int] = table.column("length").take(self._rows).to_pylist()
+        self.image_counts: list[int] = table.column("n_images").take(self._rows).to_pylist()
+        self.stats.update({row["values"]: row["counts"] for row in pc.value_counts(drop).to_pylist()
+                           if row["values"]})
+        truncated = pc.sum(table.column("truncated")).as_py() or 0
+        if truncated:
+            self.stats["truncated"] = truncated
+        if self.on_bad_sample == "error":  # the first bad record, in file order, as one line
+            bad = pc.and_(pc.not_equal(drop, ""), pc.not_equal(drop, "dropped_too_long"))
+            first = np.flatnonzero(bad.to_numpy(zero_copy_only=False))[:1]
+            if len(first):
+                raise self._dropped(int(first[0]))
+        for reason in [r for r in self.stats if r != "truncated"]:
+            rows = np.flatnonzero(pc.equal(drop, reason).to_numpy(zero_copy_only=False))
+            for j in rows[:LOGGED_PER_REASON]:  # a million-sample set must not print a million lines
+                logger.warning(f"skipping {self._dropped(int(j))}")
+            if len(rows) > LOGGED_PER_REASON:
+                logger.warning(f"more samples with {reason}: no longer logged, see dataset.stats")
+        if not len(self):
+            why = f" ({dict(self.stats)}; see the warnings above)" if n_records else ""
+            raise DataError("no_good_samples", f"{self.data_file}: none of its {n_records} records is usable{why}")
         if self.stats:
-            logger.warning(f"{self.data_file}: kept {len(self)} of {len(records)} samples; {dict(self.stats)}")
-        repeated = duplicate_ids(records)
+            logger.warning(f"{self.data_file}: kept {len(self)} of {n_records} samples; {dict(self.stats)}")
+        counts = pc.value_counts(self._records.data.column("id"))
+        repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values").to_pylist()
         if repeated:  # harmless for training; eval joins answers by id, where it is an error
             logger.warning(f"{self.data_file}: {len(repeated)} ids are used more than once (first: {repeated[0]!r})")
 
-    def _add(self, record, index: int) -> None:
-        try:
-            sample = to_sample(record, index)
-            paths = [resolve_image_path(self.image_folder, relpath) for relpath in sample.images]
-            counts = tuple(self._tile_count(path) for path in paths) if self.image_tiling else ()
-            if counts:
-                sample = tiled_sample(sample, counts)
-            encoded = self.encoder.truncate(self.encoder.encode(sample), self.model_max_length)
-        except DataError as err:
-            self._report(err.about(record_id(record, index), self.data_file))
-            return
-        if encoded is None:
-            self._note("dropped_too_long", f"sample {sample.id!r} cannot fit its images and an answer token in "
-                                           f"model_max_length={self.model_max_length}; dropped")
-            return
-        if encoded.truncated:
-            self.stats["truncated"] += 1
-        self.samples.append(sample)
-        self.tile_counts.append(counts)
-        self.lengths.append(len(encoded.input_ids))
-        self.image_counts.append(encoded.n_images)
+    def _dropped(self, row: int) -> DataError:
+        reason, why = self._measured[row]["drop"], self._measured[row]["why"]
+        return DataError(reason, why).about(self._records[row]["id"], self.data_file)
+
+    def sample_and_tiles(self, row: dict) -> tuple[Sample, tuple[int, ...]]:
+        """The sample of an index row, tiled when tiling is on, and the tile count of each of its images."""
+        sample = row_sample(row)
+        paths = [resolve_image_path(self.image_folder, relpath) for relpath in sample.images]
+        counts = tuple(self._tile_count(path) for path in paths) if self.image_tiling else ()
+        return (tiled_sample(sample, counts) if counts else sample), counts
 
     def _tile_count(self, path: Path) -> int:
         """Tiles + thumbnail this image becomes, from its header (the pixels are decoded in __getitem__)."""
@@ -123,7 +143,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         return [n if k else -n for n, k in zip(self.lengths, self.image_counts, strict=True)]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._rows)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
@@ -145,14 +165,17 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def _item(self, index: int) -> dict:
         sample, encoded = self.samples[index], self.encoded(index)
-        if self.tile_counts[index]:  # tiled: each image once (its first tile's path), then its tiles
-            counts = self.tile_counts[index]
+        counts = self._measured[int(self._rows[index])]["tiles"]
+        if counts:  # tiled: each image once (its first tile's path), then its tiles
             firsts = [sample.images[sum(counts[:k])] for k in range(len(counts))]
             pixels = self.pixel_values([resolve_image_path(self.image_folder, p) for p in firsts],
                                        keep=encoded.n_images)
         else:
             pixels = self.pixel_values([resolve_image_path(self.image_folder, p)
                                         for p in sample.images[:encoded.n_images]])
+        if len(pixels) != encoded.n_images:  # an image replaced by one of another shape since it was indexed
+            raise DataError("image_changed", f"{len(pixels)} tiles for {encoded.n_images} image token runs; an image "
+                                             "changed size after the data index was written (tiling)")
         return {
             "id": sample.id,
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
@@ -175,3 +198,18 @@ class LlavaDataset(torch.utils.data.Dataset):
         if tuple(pixels.shape[-2:]) != (height, width):  # the token count assumed this size
             raise DataError("processor", f"pixel_values are {tuple(pixels.shape[-2:])}, expected {(height, width)}")
         return pixels
+
+
+class _Samples(Sequence):
+    """`dataset.samples[k]`: the k-th usable sample (tiled when tiling is on), read from the index on demand."""
+
+    def __init__(self, dataset: LlavaDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int) -> Sample:
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"sample {k} out of range for {len(self)} samples")
+        return self.dataset.sample_and_tiles(self.dataset._records[int(self.dataset._rows[k])])[0]

@@ -101,25 +101,6 @@ def _parse(text: str, path: Path, kind: str, lineno: int = 0):
                                     "a few levels deep") from None
 
 
-def check_records(data_path: str | Path, image_folder: str | Path | None = None) -> int:
-    """Read the data file and normalise every record, without a tokenizer: seconds even for LLaVA-665K.
-    Raises the DataError a training run would (unreadable file, not UTF-8, too deep, nothing usable);
-    returns how many records are well formed."""
-    data_file, _ = locate_data(data_path, image_folder)
-    records = read_records(data_file)
-    usable = 0
-    for index, record in enumerate(records):
-        try:
-            to_sample(record, index)
-            usable += 1
-        except DataError:
-            pass
-    if not usable:
-        raise DataError("no_good_samples", f"{data_file}: none of its {len(records)} records is usable; "
-                                           f"run python -m course_lib.data validate --data {data_file} to see why")
-    return usable
-
-
 def duplicate_ids(records: list) -> list[str]:
     """The ids that more than one record carries, in order of first repeat."""
     seen, repeated = set(), {}

@@ -51,6 +51,9 @@ class DataArguments:
     pad_to_square: bool = False
     image_tiling: int = field(default=0, metadata={"help": "dynamic resolution: each image becomes up to N tiles "
                                                            "+ a thumbnail (InternVL 1.5); 0 = off"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "processes that tokenize the data the first time it is indexed (default: up to 8 CPUs for "
+                "20,000+ records); later launches read the index"})
     group_by_modality_length: bool = field(default=False, metadata={
         "help": "LLaVA's flag: length-grouped batches that never mix image and text-only samples"})
 
