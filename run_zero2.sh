@@ -47,6 +47,12 @@ else
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / NUM_PROCS > 0 ? cores / NUM_PROCS : 1 ))}"
 fi
 MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+if [[ "${DS_ACCELERATOR:-}" == cpu ]]; then
+  # DeepSpeed's CPU all-reduce maps a 67 MB shared-memory buffer per rank, named after the user, master
+  # address, port and rank, and never unlinks it (shm.cpp defines shared_close but never calls it): each run
+  # used to leave NUM_PROCS x 67 MB of RAM in /dev/shm until the next reboot.
+  trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$MASTER_PORT"_*' EXIT
+fi
 
 train() {  # train FLAGS...: validate in one process (one-line errors), then launch DeepSpeed
   local flags=("$@")

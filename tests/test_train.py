@@ -253,8 +253,11 @@ def test_run_zero2_two_cpu_ranks_saves_a_loadable_model(empty_llava, small_data,
     cmd = ["bash", str(REPO / "run_zero2.sh"), "--stage", "pretrain", "--model_name_or_path", str(folder),
            *small_data["pretrain"], "--output_dir", str(tmp_path / "ds"), *FAST, "--bf16", "true",
            "--deepspeed", str(tmp_path / "zero2.json")]
+    shm = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm  # DeepSpeed's 2 x 67 MB, removed
+    assert "training starts" in proc.stdout  # the launch reports its start-up time
     out = tmp_path / "ds"
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.config.model_type == "llava"
