@@ -81,7 +81,7 @@ def synthetic_mix(total: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def write_world(out: Path, total: int) -> tuple[Path, Path, Path]:
+def write_world(out: Path, total: int, build: bool = True) -> tuple[Path, Path, Path]:
     """(data file, image folder, real-shaped LLaVA folder), reused when already written."""
     from PIL import Image
     from skimage import data as photos
@@ -100,7 +100,7 @@ def write_world(out: Path, total: int) -> tuple[Path, Path, Path]:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 pool[k % len(pool)].save(path)
-    if not (model / "config.json").exists():
+    if build and not (model / "config.json").exists():
         from course_lib.build import build_llava
 
         build_llava("clip-l-336-shaped", "qwen2.5-0.5b-shaped", model, dtype="float32")
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/out/data_path")
     parser.add_argument("--skip_old", action="store_true", help="only the index (the old path takes most of the time)")
     parser.add_argument("--launch", action="store_true", help="also time a 1-step run_zero2.sh on the warm index")
+    parser.add_argument("--data_only", action="store_true", help="write the data and images, print their paths")
     parser.add_argument("--worker", nargs=4, metavar=("PATH", "DATA", "IMAGES", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -200,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     from course_lib.util.tables import render_table
 
     out = Path(args.out)
-    files = write_world(out, args.records)
+    files = write_world(out, args.records, build=not args.data_only)
+    if args.data_only:
+        print(files[0], files[1])
+        return 0
     print(f"{args.records:,} records ({files[0].stat().st_size / 2**20:.0f} MiB of JSON), {args.ranks} ranks")
     rows = []
     with tempfile.TemporaryDirectory(prefix="index-cache-") as cache:

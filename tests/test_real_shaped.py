@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from course_lib import train
 from course_lib.build import build_llava
 from course_lib.world.real_shaped import LLM_NAME, VISION_NAME, ensure_real_shaped_world, qwen2_5_tokenizer
 
@@ -114,7 +113,7 @@ def photo_data(tmp_path_factory):
 
 @pytest.mark.launcher
 def test_the_practitioners_path_runs_at_real_shapes(llava, photo_data, tmp_path, capsys):
-    """Stage 1 with LLaVA-1.5's pretrain flags (frozen towers bit-identical), stage 2 through run_zero2.sh with its
+    """Stage 1 through run_zero2.sh with LLaVA-1.5's pretrain flags (frozen towers bit-identical), stage 2 with its
     finetune_lora flags (padding saved in the processor), merge (same greedy answer as base + adapter), chat
     on a real photo, and eval: all at the real vocabulary and 576 tokens per image."""
     from safetensors.torch import load_file
@@ -129,12 +128,18 @@ def test_the_practitioners_path_runs_at_real_shapes(llava, photo_data, tmp_path,
     fast = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy",
             "no", "--model_max_length", "1024", "--learning_rate", "1e-3"]
     stage1 = tmp_path / "pretrain"
-    # Stage 1 with LLaVA-1.5's pretrain.sh flags.
-    summary = train.run(["--model_name_or_path", str(folder), "--data_path", str(photo_data / "captions.json"),
-                         *images, "--output_dir", str(stage1), "--version", "plain", "--tune_mm_mlp_adapter", "True",
-                         "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2",
-                         "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False", "--tf32", "True",
-                         "--vision_tower", "openai/clip-vit-large-patch14-336", *fast])
+    # Stage 1 as a practitioner runs it: run_zero2.sh (one rank here) with LLaVA-1.5's pretrain.sh flags.
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    proc = subprocess.run(["bash", str(REPO / "run_zero2.sh"), "--model_name_or_path", str(folder), "--data_path",
+                           str(photo_data / "captions.json"), *images, "--output_dir", str(stage1), "--version",
+                           "plain", "--tune_mm_mlp_adapter", "True", "--mm_projector_type", "mlp2x_gelu",
+                           "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False",
+                           "--mm_use_im_patch_token", "False", "--tf32", "True", "--vision_tower",
+                           "openai/clip-vit-large-patch14-336", *fast],
+                          capture_output=True, text=True, env={**os.environ, "PATH": path, "NUM_PROCS": "1"},
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((stage1 / "training_summary.json").read_text())
     assert summary["stage"] == "pretrain" and summary["args"]["template"] == "plain"
     assert summary["steps"] == 2 and summary["skipped"] == {}
     before, after = load_file(folder / "model.safetensors"), load_file(stage1 / "model.safetensors")
@@ -145,7 +150,7 @@ def test_the_practitioners_path_runs_at_real_shapes(llava, photo_data, tmp_path,
     # Stage 2 as a practitioner runs it: run_zero2.sh, 2 ranks, LLaVA-1.5's finetune_lora flags (the modality
     # grouping makes the text-only sample a batch of its own on one rank).
     lora = tmp_path / "lora"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_PROCS": "2"}
+    env = {**os.environ, "PATH": path, "NUM_PROCS": "2"}
     cmd = ["bash", str(REPO / "run_zero2.sh"), "--model_name_or_path", str(stage1), "--data_path",
            str(photo_data / "chat.json"), *images, "--output_dir", str(lora), "--lora_enable", "True",
            "--lora_r", "8", "--lora_alpha", "16", "--mm_projector_lr", "2e-5", "--version", "qwen_2",

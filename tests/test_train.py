@@ -64,6 +64,25 @@ def test_lora_targets_only_the_language_model(empty_llava):
 
 
 @pytest.mark.training
+def test_zero_memory_charges_gradients_and_optimizer_to_trainable_parameters_only(empty_llava):
+    from course_lib.training.zero import trainable_counts, zero_memory_gb
+
+    folder, _, _ = empty_llava
+    counts = trainable_counts(lambda: LlavaForConditionalGeneration.from_pretrained(folder))
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    n = sum(p.numel() for p in model.parameters())
+    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    assert counts["pretrain"] == (n, projector) and counts["none"] == (n, n)
+    assert counts["freeze_vision"] == (n, n - vision)
+    total, trainable = counts["use_lora"]  # the adapters and the projector's trainable copy (modules_to_save)
+    assert total - n == trainable and projector < trainable < n // 10
+    gib = 2 ** 30
+    assert zero_memory_gb(n, 1, 0) == 16 * n / gib  # all trainable: 16 bytes each
+    assert zero_memory_gb(n, 8, 2, trainable=projector) == (2 * n + 14 * projector / 8) / gib  # frozen: 2 bytes
+    assert zero_memory_gb(n, 8, 3, trainable=0) == 2 * n / 8 / gib
+
+
 def test_stage1_trains_only_the_projector_and_saves_a_complete_llava(empty_llava, stage1):
     folder, _, _ = empty_llava
     out, summary = stage1

@@ -30,7 +30,14 @@ from PIL import Image
 
 from course_lib.data.image_tokens import image_size
 from course_lib.data.images import MAX_IMAGE_PIXELS, load_image, resolve_image_path
-from course_lib.data.index import digest, lengths_table, records_table, row_sample, tokenizer_fingerprint
+from course_lib.data.index import (
+    digest,
+    lengths_table,
+    records_key,
+    records_table,
+    row_sample,
+    tokenizer_fingerprint,
+)
 from course_lib.data.labels import Encoded, PromptEncoder
 from course_lib.data.records import DataError, Sample, locate_data
 from course_lib.data.tiling import prepare_images, tile_count, tiled_sample
@@ -59,8 +66,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.image_tiling = image_tiling  # > 0: each image becomes up to this many tiles + a thumbnail
         self.stats: Counter = Counter()
         self._bad: set[int] = set()
-        self._records = records_table(self.data_file)
-        key = digest(self._records._fingerprint, template, model_max_length, image_tiling, pad_to_square,
+        records = records_key(self.data_file)
+        self._records = records_table(self.data_file, records)
+        key = digest(records, template, model_max_length, image_tiling, pad_to_square,
                       self.image_folder.resolve(), tokenizer_fingerprint(processor))
         self._measured = lengths_table(self._records, self, key, num_proc)
         self._take_measurements()

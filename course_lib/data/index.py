@@ -91,11 +91,12 @@ def _write_records(data_file: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def records_table(data_file: Path):
-    """The memory-mapped `datasets.Dataset` of `data_file`'s normalised records, written on first use."""
+def records_table(data_file: Path, key: str | None = None):
+    """The memory-mapped `datasets.Dataset` of `data_file`'s normalised records, written on first use.
+    `key`: `records_key(data_file)`, when the caller already has it."""
     from datasets import Dataset
 
-    folder = cache_root() / f"{data_file.stem[:40]}-{records_key(data_file)}"
+    folder = cache_root() / f"{data_file.stem[:40]}-{key or records_key(data_file)}"
     target = folder / "records.arrow"
     if not target.exists():
         with _locked(folder):

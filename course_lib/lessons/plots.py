@@ -29,16 +29,19 @@ def _first_image(record: dict) -> str | None:
 
 def show_samples(json_path: str | Path, image_dir: str | Path, n: int = 8, cols: int = 4) -> Figure:
     """A grid of the first `n` image samples of a LLaVA-format file, each titled with its first answer."""
+    import textwrap
+
     records = [r for r in json.loads(Path(json_path).read_text()) if _first_image(r)][:n]
     rows = (len(records) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, rec in zip(axes.flat, records, strict=False):
         ax.imshow(Image.open(Path(image_dir) / _first_image(rec)))
         q = rec["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()
         a = rec["conversations"][1]["value"]
-        ax.set_title(f"{q[:38]}\n→ {a[:38]}", fontsize=8)
+        wrap = textwrap.TextWrapper(width=40, max_lines=3, placeholder=" …")  # whole words, never cut mid-word
+        ax.set_title(wrap.fill(q) + "\n→ " + wrap.fill(a), fontsize=8)
     fig.tight_layout()
     return fig
 

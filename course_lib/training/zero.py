@@ -1,13 +1,20 @@
-"""ZeRO's memory arithmetic: what each GPU holds for the model states, by stage (Rajbhandari et al. 2020)."""
+"""ZeRO's memory arithmetic: what each GPU holds for the model's states, by stage, GPU count and train type."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
-def zero_memory_gb(params: int, gpus: int, stage: int) -> float:
-    """Model-state memory per GPU for mixed-precision Adam: 2 bytes weights + 2 grads + 12 optimizer
-    (fp32 master weights, momentum, variance), partitioned over `gpus` by ZeRO stage 0-3 (Rajbhandari et
-    al. 2020, sec. 5). Activations and buffers come on top."""
-    weights, grads, optim = 2 * params, 2 * params, 12 * params
+STAGE_TRAIN_TYPES = (("pretrain", "projector only (stage 1)"), ("use_lora", "use_lora"),
+                     ("freeze_vision", "freeze_vision"), ("none", "none (full)"))
+
+
+def zero_memory_gb(params: int, gpus: int, stage: int, trainable: int | None = None) -> float:
+    """Model-state memory per GPU for mixed-precision Adam: 2 bytes of 16-bit weights for every parameter,
+    and for each trainable one 2 bytes of gradient + 12 of optimizer state (fp32 master weights, momentum,
+    variance), partitioned over `gpus` by ZeRO stage 0-3 (Rajbhandari et al. 2020, sec. 5). Frozen
+    parameters have no gradients or optimizer states. Activations and buffers come on top."""
+    trainable = params if trainable is None else trainable
+    weights, grads, optim = 2 * params, 2 * trainable, 12 * trainable
     if stage >= 1:
         optim /= gpus
     if stage >= 2:
@@ -15,3 +22,24 @@ def zero_memory_gb(params: int, gpus: int, stage: int) -> float:
     if stage >= 3:
         weights /= gpus
     return (weights + grads + optim) / 2 ** 30
+
+
+def trainable_counts(build: Callable) -> dict[str, tuple[int, int]]:
+    """{train type: (all parameters, trainable ones)} for stage 1 and the stage-2 train types, as
+    `prepare_model` sets them (LoRA at the course's default rank), on the model `build()` returns
+    (build it on the meta device: no memory)."""
+    from course_lib.training.trainable import prepare_model
+
+    counts, model = {}, build()
+    for train_type, _ in STAGE_TRAIN_TYPES:  # use_lora last: it wraps the model
+        if train_type == "use_lora":
+            continue
+        model = prepare_model(model, "pretrain" if train_type == "pretrain" else "finetune", train_type)
+        counts[train_type] = _count(model)
+    counts["use_lora"] = _count(prepare_model(model, "finetune", "use_lora"))
+    return {t: counts[t] for t, _ in STAGE_TRAIN_TYPES}
+
+
+def _count(model) -> tuple[int, int]:
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))

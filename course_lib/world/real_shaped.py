@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from transformers import Qwen2Tokenizer
 
 VISION_NAME, LLM_NAME = "clip-l-336-shaped", "qwen2.5-0.5b-shaped"
+# The same files at the real depth and width (random weights, 0.92B parameters): the GPU check's backbones.
+FULL_VISION_NAME, FULL_LLM_NAME = "clip-l-336-random", "qwen2.5-0.5b-random"
 VERSION = "v1"  # bump when a file below changes: the cache folder is keyed by it
 
 # Qwen2.5's added tokens in id order from 151643; the first 14 are special (tokenizer_config.json).
@@ -58,6 +60,9 @@ CLIP_PREPROCESSOR = {"crop_size": 336, "do_center_crop": True, "do_normalize": T
 # The small part: two layers of width 64; 4 query heads over 2 KV heads keep grouped-query attention.
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
+# openai/clip-vit-large-patch14-336's text and vision widths (config.json), for the full-size variant.
+CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+CLIP_L_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
 
 
 @dataclass(frozen=True)
@@ -102,53 +107,57 @@ def qwen2_5_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
-def write_llm(out: Path, seed: int = 0) -> None:
+def write_llm(out: Path, seed: int = 0, full: bool = False) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(**{**QWEN2_5_0_5B, **SHAPE})
+    config = Qwen2Config(**{**QWEN2_5_0_5B, **({} if full else SHAPE)})
     Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(out)  # tied: one embedding matrix saved
     GenerationConfig(**QWEN2_5_GENERATION).save_pretrained(out)
     qwen2_5_tokenizer().save_pretrained(out)
 
 
-def write_clip(out: Path, seed: int = 0) -> None:
+def write_clip(out: Path, seed: int = 0, full: bool = False) -> None:
     import json
 
     import torch
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    width = dict(hidden_size=SHAPE["hidden_size"], intermediate_size=SHAPE["intermediate_size"],
-                 num_hidden_layers=SHAPE["num_hidden_layers"], num_attention_heads=SHAPE["num_attention_heads"])
-    config = CLIPConfig(text_config={**width, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1},
-                        vision_config={**width, "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu"},
-                        projection_dim=64)
+    small = {k: SHAPE[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
+    text, vision = (CLIP_L_TEXT, CLIP_L_VISION) if full else (small, small)
+    config = CLIPConfig(text_config={**text, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1},
+                        vision_config={**vision, "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu"},
+                        projection_dim=768 if full else 64)
     CLIPModel(config).save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR, indent=2))
 
 
-def ensure_real_shaped_world(root: Path | None = None) -> RealShapedWorld:
-    """Build (once, seconds) and return the real-shaped backbones' folders."""
+def ensure_real_shaped_world(root: Path | None = None, full: bool = False) -> RealShapedWorld:
+    """Build (once: seconds, or a minute and 1.8 GB for `full`) and return the real-shaped backbones' folders."""
+    from functools import partial
+
     from course_lib.world.backbones import _build_part, _locked, cache_home
 
-    world = RealShapedWorld(Path(root) if root else cache_home() / f"real-shaped-{VERSION}")
+    name = f"real-shaped-{'full-' if full else ''}{VERSION}"
+    world = RealShapedWorld(Path(root) if root else cache_home() / name)
     done = world.root / "DONE"
     if done.exists():
         return world
     with _locked(world.root.with_name(world.root.name + ".lock")):
         if not done.exists():
             world.root.mkdir(parents=True, exist_ok=True)
-            _build_part(world.llm, write_llm)
-            _build_part(world.clip, write_clip)
+            _build_part(world.llm, partial(write_llm, full=full))
+            _build_part(world.clip, partial(write_clip, full=full))
             done.write_text("ok\n")
     return world
 
 
 def resolve(name: str) -> str:
-    """The folder for `clip-l-336-shaped` or `qwen2.5-0.5b-shaped`; any other name unchanged."""
-    if name not in (VISION_NAME, LLM_NAME):
+    """The folder for `clip-l-336-shaped` or `qwen2.5-0.5b-shaped` (or their full-size `-random` variants);
+    any other name unchanged."""
+    if name not in (VISION_NAME, LLM_NAME, FULL_VISION_NAME, FULL_LLM_NAME):
         return name
-    world = ensure_real_shaped_world()
-    return os.fspath(world.clip if name == VISION_NAME else world.llm)
+    world = ensure_real_shaped_world(full=name in (FULL_VISION_NAME, FULL_LLM_NAME))
+    return os.fspath(world.clip if name in (VISION_NAME, FULL_VISION_NAME) else world.llm)
