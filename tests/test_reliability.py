@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.utils import is_flash_attn_2_available
 
 from course_lib import build, chat, eval, merge, tiny_world, train
 from course_lib.data import __main__ as data_cli
@@ -166,6 +167,9 @@ CORPUS = [
     ("prepare", ["imagenet", "--output_dir", "{out}"], "invalid choice: 'imagenet'"),
     ("tiny_world", ["--rebuild"], "unrecognized arguments: --rebuild"),
 ]
+if not (torch.cuda.is_available() and is_flash_attn_2_available()):  # where it can run, it is no error
+    CORPUS.append(("train", _train("{eval}", "--attn_implementation", "flash_attention_2"),
+                   "needs a CUDA GPU and the flash-attn"))
 
 
 @pytest.mark.parametrize("command,argv,expected", CORPUS,

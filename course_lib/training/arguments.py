@@ -107,7 +107,18 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
     _check_paths(margs, dargs)
     _check_outputs(targs)
     _check_reporting(targs)
+    _check_attention(margs)
     return margs, dargs, targs
+
+
+def _check_attention(margs: ModelArguments) -> None:
+    """`--attn_implementation flash_attention_2` without its package (or a GPU) failed in every rank, as a bug."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if margs.attn_implementation == "flash_attention_2" and not (torch.cuda.is_available()
+                                                                  and is_flash_attn_2_available()):
+        raise TrainSetupError("--attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                              "(pip install flash-attn --no-build-isolation); use --attn_implementation sdpa")
 
 
 def _check_reporting(targs: TrainingArguments) -> None:
