@@ -6,8 +6,10 @@
 #   build -> run_zero2.sh stage 1 -> stage 2 (freeze_vision) with SDPA and FlashAttention-2, packing off and on
 #   -> chat on a photo.
 #
-#   bash benchmarks/gpu_practitioner.sh [OUT_DIR]             # one GPU; about 6 minutes on an H200
-#   SMALL=1 bash benchmarks/gpu_practitioner.sh /tmp/dry      # the same steps on CPU, small real-shaped world
+#   bash benchmarks/gpu_practitioner.sh [OUT_DIR]             # one GPU (not run yet: no GPU was lent since it
+#                                                              # was written)
+#   SMALL=1 bash benchmarks/gpu_practitioner.sh /tmp/dry      # the same steps on CPU with the small real-shaped
+#                                                              # world: a dry run of the script (2 steps each)
 #
 # Writes OUT_DIR/log.txt (every command, then its output) and OUT_DIR/summary.md (one row per training run:
 # steps, seconds, real tokens per second, final loss). A run that fails (no flash-attn) is logged and skipped.
