@@ -163,3 +163,26 @@ def test_eval_limit_below_one_is_one_line_not_a_silent_drop(limit, hand_checked,
                              "--limit", limit]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--limit {limit}: expected a positive number" in err
+
+
+def test_pick_model_takes_the_scoreboards_best_unless_it_was_retrained(tmp_path):
+    import os
+
+    from course_lib.lessons.scoreboard import SCOREBOARD, pick_model
+
+    assert pick_model(tmp_path)[0] is None
+    runs = {name: tmp_path / name for name in ("lora", "full", "long")}
+    for k, folder in enumerate(runs.values()):
+        (folder / "checkpoint-5").mkdir(parents=True)  # the Trainer's checkpoints are never picked
+        (folder / "checkpoint-5" / "training_summary.json").write_text("{}")
+        (folder / "training_summary.json").write_text("{}")
+        os.utime(folder / "training_summary.json", (1000 + k, 1000 + k))
+    assert pick_model(tmp_path)[0] == runs["long"]  # no scoreboard yet: the newest finished run
+    board = tmp_path / SCOREBOARD
+    board.write_text(json.dumps({name: {"accuracy": acc, "folder": str(runs[name])}
+                                 for name, acc in (("lora", 0.6), ("full", 0.9), ("long", 0.7))}))
+    os.utime(board, (2000, 2000))
+    folder, why = pick_model(tmp_path)
+    assert folder == runs["full"] and "full, 90.0%" in why
+    os.utime(runs["full"] / "training_summary.json", (3000, 3000))  # retrained after it was scored
+    assert pick_model(tmp_path)[0] == runs["long"]

@@ -140,3 +140,28 @@ def plot_by_objects(reports: dict[str, dict], records: list[dict]) -> Figure:
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+SCOREBOARD = "compare_train_types.json"  # notebook 06 writes it next to the models it scored
+
+
+def pick_model(runs: str | Path) -> tuple[Path | None, str]:
+    """(folder, why): the best model on notebook 06's scoreboard whose folder is still the run that was scored,
+    else the newest finished run; (None, why) when there is none."""
+    runs = Path(runs)
+    board = runs / SCOREBOARD
+    if board.is_file():
+        scored = json.loads(board.read_text())
+        fresh = {name: entry for name, entry in scored.items() if "folder" in entry
+                 and (Path(entry["folder"]) / SUMMARY).is_file()
+                 and (Path(entry["folder"]) / SUMMARY).stat().st_mtime <= board.stat().st_mtime}
+        if fresh:  # a run retrained after the scoring is not what was scored: it is skipped
+            name = max(fresh, key=lambda n: fresh[n]["accuracy"])
+            return Path(fresh[name]["folder"]), (f"best on notebook 06's scoreboard: {name}, "
+                                                 f"{fresh[name]['accuracy']:.1%} of the held-out questions")
+    finished = [summary.parent for summary in runs.rglob(SUMMARY)
+                if not any(part.startswith(("checkpoint-", ".")) for part in summary.parent.relative_to(runs).parts)]
+    if not finished:
+        return None, f"no finished run under {runs}"
+    newest = max(finished, key=lambda folder: (folder / SUMMARY).stat().st_mtime)
+    return newest, "the newest finished run (notebook 06 has not scored the runs yet)"
