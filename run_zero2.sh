@@ -17,12 +17,21 @@
 # One rank with every core is not always faster on 2 cores: freeze_vision ran 1.55x faster per step on one
 # machine and as fast on another, where LoRA ran 1.4x slower (benchmarks/RESULTS.md).
 # --deepspeed PATH replaces the shipped configs/zero2.json (e.g. LLaVA's zero2.json with "auto" values).
+# Several nodes: run this script once on every node with NNODES, NODE_RANK, MASTER_ADDR (node 0's address) and
+# MASTER_PORT (default 29500) set, as torchrun and SLURM name them (run_zero2.sbatch does it under SLURM), or
+# with --num_nodes/--node_rank/--master_addr/--master_port. Each node launches its own ranks (DeepSpeed's
+# --no_ssh mode); --hostfile FILE instead hands DeepSpeed a hostfile to launch every node over ssh from node 0.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python}"
 NUM_GPUS="${NUM_GPUS:-}"
 INCLUDE="${INCLUDE:-}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-}"
+MASTER_ADDR="${MASTER_ADDR:-}"
+HOSTFILE="${HOSTFILE:-}"
+fail() { echo "error: $*" >&2; exit 2; }
 
 args=()
 while [[ $# -gt 0 ]]; do
@@ -31,9 +40,25 @@ while [[ $# -gt 0 ]]; do
     --num_gpus=*) NUM_GPUS="${1#*=}"; shift ;;
     --include) INCLUDE="$2"; shift 2 ;;
     --include=*) INCLUDE="${1#*=}"; shift ;;
+    --num_nodes) NNODES="$2"; shift 2 ;;
+    --node_rank) NODE_RANK="$2"; shift 2 ;;
+    --master_addr) MASTER_ADDR="$2"; shift 2 ;;
+    --master_port) MASTER_PORT="$2"; shift 2 ;;
+    --hostfile) HOSTFILE="$2"; shift 2 ;;
     *) args+=("$1"); shift ;;
   esac
 done
+
+[[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || fail "NNODES (--num_nodes) is '$NNODES'; expected a number of nodes, 1 or more"
+if [[ -n "$HOSTFILE" && ! -f "$HOSTFILE" ]]; then fail "--hostfile $HOSTFILE: no such file"; fi
+if (( NNODES > 1 )); then
+  [[ -n "$MASTER_ADDR" ]] || fail "NNODES=$NNODES needs MASTER_ADDR (--master_addr): the address of node 0, which every node can reach"
+  [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || fail "NNODES=$NNODES needs NODE_RANK (--node_rank) on each node: 0 on node 0, up to $(( NNODES - 1 ))"
+  (( NODE_RANK < NNODES )) || fail "NODE_RANK=$NODE_RANK is out of range for NNODES=$NNODES (expected 0 to $(( NNODES - 1 )))"
+  MASTER_PORT="${MASTER_PORT:-29500}"  # every node must agree on it: no random default
+elif [[ -n "$NODE_RANK" && "$NODE_RANK" != 0 && -z "$HOSTFILE" ]]; then
+  fail "NODE_RANK=$NODE_RANK is out of range for NNODES=1; set NNODES (--num_nodes) to the number of nodes"
+fi
 
 launcher=()
 if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -47,11 +72,25 @@ else
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / NUM_PROCS > 0 ? cores / NUM_PROCS : 1 ))}"
 fi
 MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
-if [[ "${DS_ACCELERATOR:-}" == cpu ]]; then
+made_hostfile=""
+cleanup() {
+  if [[ -n "$made_hostfile" ]]; then rm -f "$made_hostfile"; fi
   # DeepSpeed's CPU all-reduce maps a 67 MB shared-memory buffer per rank, named after the user, master
   # address, port and rank, and never unlinks it (shm.cpp defines shared_close but never calls it): each run
   # used to leave NUM_PROCS x 67 MB of RAM in /dev/shm until the next reboot.
-  trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$MASTER_PORT"_*' EXIT
+  if [[ "${DS_ACCELERATOR:-}" == cpu ]]; then rm -f /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$MASTER_PORT"_*; fi
+}
+trap cleanup EXIT
+if (( NNODES > 1 )) && [[ -z "$HOSTFILE" ]]; then
+  # DeepSpeed's --no_ssh mode: this node starts its own ranks; a hostfile of NNODES equal nodes tells it the world.
+  per_node="${NUM_PROCS:-${NUM_GPUS:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')}}"
+  made_hostfile="$(mktemp)"
+  for (( n = 0; n < NNODES; n++ )); do echo "node$n slots=$per_node"; done >"$made_hostfile"
+  launcher=(--hostfile "$made_hostfile" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
+elif [[ -n "$HOSTFILE" ]]; then
+  launcher=(--hostfile "$HOSTFILE")
+  if [[ -n "$NODE_RANK" ]]; then launcher+=(--no_ssh --node_rank "$NODE_RANK"); fi
+  if [[ -n "$MASTER_ADDR" ]]; then launcher+=(--master_addr "$MASTER_ADDR"); fi
 fi
 
 train() {  # train FLAGS...: validate in one process (one-line errors), then launch DeepSpeed

@@ -298,6 +298,54 @@ def test_run_zero2_two_cpu_ranks_saves_a_loadable_model(empty_llava, small_data,
 
 
 @pytest.mark.launcher
+def test_two_nodes_train_exactly_as_one_node_with_two_ranks(empty_llava, small_data, tmp_path):
+    """NNODES=2 on 127.0.0.1, one rank per "node", launched as two processes with NODE_RANK 0 and 1 (as srun
+    does), against NUM_PROCS=2 on one node: the same stage-1 projector, bit for bit."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    folder, _, _ = empty_llava
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    base = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def launch(out, **env):
+        cmd = ["bash", str(REPO / "run_zero2.sh"), "--stage", "pretrain", "--model_name_or_path", str(folder),
+               *small_data["pretrain"], "--output_dir", str(tmp_path / out), *FAST]
+        return subprocess.Popen(cmd, env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    nodes = [launch("nodes", NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                    NUM_PROCS="1") for r in (0, 1)]
+    for proc in nodes:
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-3000:]
+    one = launch("one_node", NUM_PROCS="2")
+    out, _ = one.communicate(timeout=900)
+    assert one.returncode == 0, out[-3000:]
+    two, single = load_file(tmp_path / "nodes" / "projector.safetensors"), load_file(tmp_path / "one_node" /
+                                                                                    "projector.safetensors")
+    assert two.keys() == single.keys() and all(torch.equal(two[k], single[k]) for k in two)
+    summary = json.loads((tmp_path / "nodes" / "training_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["epochs"] == 0.5  # 48 samples, 2 ranks x 4: the world was 2 ranks
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"NNODES": "2", "NODE_RANK": "0"}, "NNODES=2 needs MASTER_ADDR"),
+    ({"NNODES": "2", "MASTER_ADDR": "127.0.0.1"}, "NNODES=2 needs NODE_RANK"),
+    ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "127.0.0.1"}, "NODE_RANK=2 is out of range for NNODES=2"),
+    ({"NNODES": "two"}, "expected a number of nodes"),
+    ({"HOSTFILE": "/no/such/hostfile"}, "--hostfile /no/such/hostfile: no such file"),
+])
+def test_run_zero2_bad_node_settings_are_one_line(env, expected, tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "run_zero2.sh"), "--output_dir", str(tmp_path / "x")],
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"]
+    assert expected in proc.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.launcher
 def test_run_zero2_bad_flag_is_one_line(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(REPO / "run_zero2.sh"), "--train_type", "nope", "--output_dir",
