@@ -15,9 +15,9 @@ Every later process (each rank, each launch) memory-maps both files: the operati
 of their pages for all ranks, and a process holds only the columns it reads (lengths, image counts).
 A file lock makes one process build while the others wait. Files are written whole, then renamed into place.
 
-The same design as LLaVA-NeXT's and HF's example scripts (`map` under `main_process_first`), with one
-difference: LLaVA estimates lengths from word counts (`modality_lengths`); here they are exact, because
-packing and the too-long check need the real token counts.
+Hugging Face's example scripts do the same with `Dataset.map` under `main_process_first` (run_clm.py).
+haotian-liu/LLaVA instead estimates lengths from word counts (`LazySupervisedDataset.modality_lengths`); here
+they are exact, because packing and the too-long check need the real token counts.
 """
 
 from __future__ import annotations
