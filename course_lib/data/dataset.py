@@ -111,11 +111,12 @@ class LlavaDataset(torch.utils.data.Dataset):
             logger.warning(f"{self.data_file}: {len(repeated)} ids are used more than once (first: {repeated[0]!r})")
 
     def _dropped(self, row: int) -> DataError:
-        reason, why = self._measured[row]["drop"], self._measured[row]["why"]
-        return DataError(reason, why).about(self._records[row]["id"], self.data_file)
+        measured = self._measured[row]
+        return DataError(measured["drop"], measured["why"]).about(self._records[row]["id"], self.data_file)
 
     def sample_and_tiles(self, row: dict) -> tuple[Sample, tuple[int, ...]]:
-        """The sample of an index row, tiled when tiling is on, and the tile count of each of its images."""
+        """The sample of a records row, tiled when tiling is on, and each image's tile count, read from the
+        images' headers: what the index measures (`_sample` then reuses the counts it stored)."""
         sample = row_sample(row)
         paths = [resolve_image_path(self.image_folder, relpath) for relpath in sample.images]
         counts = tuple(self._tile_count(path) for path in paths) if self.image_tiling else ()
@@ -167,13 +168,24 @@ class LlavaDataset(torch.utils.data.Dataset):
                 self._report(err.about(self.samples[j].id, self.data_file))
         raise DataError("no_good_samples", f"every sample of {self.data_file} is bad; see the warnings above")
 
+    def _sample(self, index: int) -> tuple[Sample, tuple[int, ...]]:
+        """Usable sample `index` and its images' tile counts, as indexed: no image is opened."""
+        row = int(self._rows[index])
+        counts = tuple(self._measured.data.column("tiles")[row].as_py())
+        sample = row_sample(self._records[row])
+        return (tiled_sample(sample, counts) if counts else sample), counts
+
+    def encode_sample(self, sample: Sample) -> Encoded:
+        """input_ids / labels of `sample` with this dataset's template, truncated to `model_max_length`."""
+        return self.encoder.truncate(self.encoder.encode(sample), self.model_max_length)
+
     def encoded(self, index: int) -> Encoded:
         """input_ids / labels of sample `index` as the dataset returns them (truncated if needed)."""
-        return self.encoder.truncate(self.encoder.encode(self.samples[index]), self.model_max_length)
+        return self.encode_sample(self._sample(index)[0])
 
     def _item(self, index: int) -> dict:
-        sample, encoded = self.samples[index], self.encoded(index)
-        counts = self._measured[int(self._rows[index])]["tiles"]
+        sample, counts = self._sample(index)
+        encoded = self.encode_sample(sample)
         if counts:  # tiled: each image once (its first tile's path), then its tiles
             firsts = [sample.images[sum(counts[:k])] for k in range(len(counts))]
             pixels = self.pixel_values([resolve_image_path(self.image_folder, p) for p in firsts],
@@ -220,4 +232,4 @@ class _Samples(Sequence):
     def __getitem__(self, k: int) -> Sample:
         if not -len(self) <= k < len(self):
             raise IndexError(f"sample {k} out of range for {len(self)} samples")
-        return self.dataset.sample_and_tiles(self.dataset._records[int(self.dataset._rows[k])])[0]
+        return self.dataset._sample(k % len(self))[0]

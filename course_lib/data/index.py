@@ -144,8 +144,7 @@ class Measure:
             return out
         try:
             sample, tiles = self.dataset.sample_and_tiles(row)
-            encoded = self.dataset.encoder.truncate(self.dataset.encoder.encode(sample),
-                                                    self.dataset.model_max_length)
+            encoded = self.dataset.encode_sample(sample)
         except DataError as err:
             return {**out, "drop": err.reason, "why": err.message}
         if encoded is None:
