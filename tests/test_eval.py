@@ -174,8 +174,9 @@ def test_pick_model_takes_the_scoreboards_best_unless_it_was_retrained(tmp_path)
     runs = {name: tmp_path / name for name in ("lora", "full", "long")}
     for k, folder in enumerate(runs.values()):
         (folder / "checkpoint-5").mkdir(parents=True)  # the Trainer's checkpoints are never picked
-        (folder / "checkpoint-5" / "training_summary.json").write_text("{}")
-        (folder / "training_summary.json").write_text("{}")
+        for where in (folder, folder / "checkpoint-5"):  # what a finished LLaVA output folder holds
+            (where / "config.json").write_text(json.dumps({"architectures": ["LlavaForConditionalGeneration"]}))
+            (where / "training_summary.json").write_text("{}")
         os.utime(folder / "training_summary.json", (1000 + k, 1000 + k))
     assert pick_model(tmp_path)[0] == runs["long"]  # no scoreboard yet: the newest finished run
     board = tmp_path / SCOREBOARD

@@ -159,8 +159,9 @@ def pick_model(runs: str | Path) -> tuple[Path | None, str]:
             name = max(fresh, key=lambda n: fresh[n]["accuracy"])
             return Path(fresh[name]["folder"]), (f"best on notebook 06's scoreboard: {name}, "
                                                  f"{fresh[name]['accuracy']:.1%} of the held-out questions")
-    finished = [summary.parent for summary in runs.rglob(SUMMARY)
-                if not any(part.startswith(("checkpoint-", ".")) for part in summary.parent.relative_to(runs).parts)]
+    from course_lib.serving.loading import find_models
+
+    finished = [folder for folder in find_models(runs) if (folder / SUMMARY).is_file()]
     if not finished:
         return None, f"no finished run under {runs}"
     newest = max(finished, key=lambda folder: (folder / SUMMARY).stat().st_mtime)

@@ -28,18 +28,16 @@ def trainable_counts(build: Callable) -> dict[str, tuple[int, int]]:
     """{train type: (all parameters, trainable ones)} for stage 1 and the stage-2 train types, as
     `prepare_model` sets them (LoRA at the course's default rank), on the model `build()` returns
     (build it on the meta device: no memory)."""
+    from course_lib.model.parameters import param_table
     from course_lib.training.trainable import prepare_model
 
-    counts, model = {}, build()
-    for train_type, _ in STAGE_TRAIN_TYPES:  # use_lora last: it wraps the model
-        if train_type == "use_lora":
-            continue
-        model = prepare_model(model, "pretrain" if train_type == "pretrain" else "finetune", train_type)
-        counts[train_type] = _count(model)
-    counts["use_lora"] = _count(prepare_model(model, "finetune", "use_lora"))
+    def count(model) -> tuple[int, int]:
+        total = param_table(model)[-1]
+        return total["total"], total["trainable"]
+
+    model, counts = build(), {}
+    for train_type in ("pretrain", "freeze_vision", "none"):  # the same model, unfrozen differently
+        counts[train_type] = count(prepare_model(model, "pretrain" if train_type == "pretrain" else "finetune",
+                                                 train_type))
+    counts["use_lora"] = count(prepare_model(model, "finetune", "use_lora"))  # last: it wraps the model
     return {t: counts[t] for t, _ in STAGE_TRAIN_TYPES}
-
-
-def _count(model) -> tuple[int, int]:
-    return (sum(p.numel() for p in model.parameters()),
-            sum(p.numel() for p in model.parameters() if p.requires_grad))
