@@ -51,13 +51,9 @@ def records_key(data_file: Path) -> str:
 
 
 def _locked(folder: Path):
-    from filelock import FileLock
+    from course_lib.util.files import exclusive_lock
 
-    from course_lib.util.files import check_writable
-
-    check_writable(folder, "the data index ($HF_DATASETS_CACHE)", folder=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / "build.lock"))
+    return exclusive_lock(folder / "build.lock", "the data index ($HF_DATASETS_CACHE)")
 
 
 def _rows(records: list) -> Iterator[dict]:

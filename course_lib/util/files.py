@@ -46,3 +46,14 @@ def check_writable(path: str | Path, flag: str, *, folder: bool = False) -> None
         raise UserError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: no permission to write in {parent}")
+
+
+def exclusive_lock(path: str | Path, flag: str):
+    """An exclusive lock on `path` (filelock: flock on Unix), so parallel processes build a cache once; its
+    folder is created, after a check that names `flag` if it cannot be written."""
+    from filelock import FileLock
+
+    path = Path(path)
+    check_writable(path.parent, flag, folder=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path)

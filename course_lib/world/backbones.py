@@ -118,14 +118,10 @@ def cache_home() -> Path:
 
 
 def _locked(path: Path):
-    """An exclusive lock on `path` (filelock: flock on Unix), so parallel processes build the world once."""
-    from filelock import FileLock
+    """An exclusive lock on `path`, so parallel processes build the world once."""
+    from course_lib.util.files import exclusive_lock
 
-    from course_lib.util.files import check_writable
-
-    check_writable(path.parent, "$COURSE_LIB_HOME", folder=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(path)
+    return exclusive_lock(path, "$COURSE_LIB_HOME")
 
 
 def _build_part(target: Path, builder) -> None:
