@@ -17,7 +17,7 @@ real-shaped LLaVA (the real Qwen2.5 tokenizer and chat template, CLIP-L/336's 57
 
 Each rank prints its seconds from process start (imports included), its resident memory (VmRSS), the part
 of it that is private (RssAnon: what each rank pays alone; the index's file pages are shared), its peak
-(VmHWM), and a checksum of its lengths, which must be equal across all paths. `--launch` then times a
+(VmHWM), and the sum of its lengths, a checksum that must be equal across all paths. `--launch` then times a
 1-step `run_zero2.sh` run on the warm index, from launch to the first step (train's own log line).
 """
 
@@ -147,10 +147,11 @@ def worker(path: str, data_file: str, images: str, model: str) -> dict:
         dataset = LlavaDataset(data_file, processor, image_folder=images, template="chat", model_max_length=2048)
         lengths, keep = dataset.lengths, dataset
     gc.collect()
+    after = _memory()
     return {"path": path, "rank": int(os.environ.get("RANK", 0)), "samples": len(lengths),
             "lengths_sum": sum(lengths), "data_s": time.time() - started, "since_start_s": time.time() - START,
-            **_memory(), "data_MiB": _memory()["VmRSS"] - before["VmRSS"],
-            "data_private_MiB": _memory()["RssAnon"] - before["RssAnon"], "kept": type(keep).__name__}
+            **after, "data_MiB": after["VmRSS"] - before["VmRSS"],
+            "data_private_MiB": after["RssAnon"] - before["RssAnon"], "kept": type(keep).__name__}
 
 
 def run_ranks(path: str, ranks: int, files: tuple[Path, Path, Path], cache: Path) -> list[dict]:
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                                          f"{r['since_start_s']:.1f}", f"{r['data_MiB']:.0f}",
                                          f"{r['data_private_MiB']:.0f}", f"{r['VmRSS']:.0f}", f"{r['VmHWM']:.0f}"]
                                         for r in rows]))
-    print(f"lengths equal on every path and rank: {len(sums) == 1}")
+    print(f"the same sum of lengths on every path and rank: {len(sums) == 1}")
     if launch_s is not None:
         print(f"run_zero2.sh on the warm index: training starts {launch_s:.1f} s after launch")
     (out / "results.json").write_text(json.dumps({"records": args.records, "ranks": args.ranks, "rows": rows,
