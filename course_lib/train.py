@@ -53,9 +53,13 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     from course_lib.model.parameters import format_table, param_table
 
     dtype = precision(targs)
+    if targs.deepspeed:  # ZeRO-3 partitions the model over the ranks while from_pretrained builds it
+        import deepspeed
+
+        deepspeed.init_distributed()
     from transformers import set_seed
 
-    set_seed(targs.seed)  # before LoRA's random init, so a run (and its resume) is reproducible
+    set_seed(targs.seed)  # so a run (and its resume) is reproducible
     # The processor and the data first: a mistake in either costs seconds, not a model load.
     processor = load_processor(margs)
     check_tiling_fits(dargs, image_token_count(processor))
@@ -70,6 +74,7 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     model.config.text_config.use_cache = False  # no KV cache in training (one also disables packed masks)
     if dargs.packing:  # SDPA attends per sample inside each packed row: same numbers, no cross-sample work
         use_for_packing(model)
+    set_seed(targs.seed)  # again: LoRA's init must not depend on what loading drew (ZeRO-3's zero.Init does)
     model = prepare_model(model, margs.stage, margs.train_type, margs.lora_r, margs.lora_alpha, margs.lora_dropout,
                           gradient_checkpointing=targs.gradient_checkpointing)
     pad_id = processor.tokenizer.pad_token_id

@@ -297,6 +297,23 @@ def test_run_zero2_two_cpu_ranks_saves_a_loadable_model(empty_llava, small_data,
     assert summary["samples"] == 48 and summary["epochs"] == 0.5, summary
 
 
+def _launch(args: list[str], output_dir: Path, **env: str) -> subprocess.Popen:
+    """`bash run_zero2.sh ARGS --output_dir OUTPUT_DIR` with 2 CPU ranks unless `env` says otherwise."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_PROCS": "2", **env}
+    return subprocess.Popen(["bash", str(REPO / "run_zero2.sh"), *args, "--output_dir", str(output_dir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _trained(args: list[str], output_dir: Path, **env: str) -> str:
+    return _finish(_launch(args, output_dir, **env))
+
+
 @pytest.mark.launcher
 def test_two_nodes_train_exactly_as_one_node_with_two_ranks(empty_llava, small_data, tmp_path):
     """NNODES=2 on 127.0.0.1, one rank per "node", launched as two processes with NODE_RANK 0 and 1 (as srun
@@ -309,26 +326,99 @@ def test_two_nodes_train_exactly_as_one_node_with_two_ranks(empty_llava, small_d
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    base = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-
-    def launch(out, **env):
-        cmd = ["bash", str(REPO / "run_zero2.sh"), "--stage", "pretrain", "--model_name_or_path", str(folder),
-               *small_data["pretrain"], "--output_dir", str(tmp_path / out), *FAST]
-        return subprocess.Popen(cmd, env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    nodes = [launch("nodes", NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                    NUM_PROCS="1") for r in (0, 1)]
+    args = ["--stage", "pretrain", "--model_name_or_path", str(folder), *small_data["pretrain"], *FAST]
+    nodes = [_launch(args, tmp_path / "nodes", NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=port, NUM_PROCS="1") for r in (0, 1)]
     for proc in nodes:
-        out, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, out[-3000:]
-    one = launch("one_node", NUM_PROCS="2")
-    out, _ = one.communicate(timeout=900)
-    assert one.returncode == 0, out[-3000:]
+        _finish(proc)
+    _trained(args, tmp_path / "one_node")
     two, single = load_file(tmp_path / "nodes" / "projector.safetensors"), load_file(tmp_path / "one_node" /
                                                                                     "projector.safetensors")
     assert two.keys() == single.keys() and all(torch.equal(two[k], single[k]) for k in two)
     summary = json.loads((tmp_path / "nodes" / "training_summary.json").read_text())
     assert summary["steps"] == 3 and summary["epochs"] == 0.5  # 48 samples, 2 ranks x 4: the world was 2 ranks
+
+
+# SGD: its update is linear in the gradient, so ZeRO-3 and ZeRO-2 agree to float32 rounding (6e-8 measured).
+# Adam's first steps are about lr * sign(gradient), which turns rounding noise in near-zero gradients into
+# whole steps: 1.8e-3 apart after 3 steps at lr 1e-2.
+SGD = ["--optim", "sgd", "--learning_rate", "0.1"]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return LlavaForConditionalGeneration.from_pretrained(folder).state_dict()
+
+
+@pytest.mark.launcher
+def test_zero3_full_finetune_equals_zero2_saves_what_it_trained_and_resumes_exactly(stage1, small_data, tmp_path):
+    """Stage 2 `none` under configs/zero3.json on 2 CPU ranks, which partitions every weight over the ranks."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from course_lib.model.parameters import format_table
+    from course_lib.serving.loading import load_trained
+
+    base, _ = stage1
+    args = ["--stage", "finetune", "--train_type", "none", "--model_name_or_path", str(base),
+            *small_data["instruct"], *FAST[2:], *SGD, "--max_steps", "6"]
+    saving = ["--save_strategy", "steps", "--save_steps", "3"]
+    log = _trained([*args, *saving, "--deepspeed", str(REPO / "configs" / "zero3.json")], tmp_path / "zero3")
+    _trained(args, tmp_path / "zero2")  # run_zero2.sh's default: configs/zero2.json
+    zero3, zero2, start = _weights(tmp_path / "zero3"), _weights(tmp_path / "zero2"), _weights(base)
+    assert zero3.keys() == zero2.keys() == start.keys()
+    assert max((zero3[k] - zero2[k]).abs().max().item() for k in zero3) < 1e-6
+    # Weights no gradient reaches (CLIP's last layer: LLaVA reads the one before) come back bit for bit.
+    untouched = [k for k in start if torch.equal(start[k], zero2[k])]
+    assert any("vision_tower" in k for k in untouched) and all(torch.equal(start[k], zero3[k]) for k in untouched)
+    # The parameter table counts the real weights, not the empty tensors ZeRO-3 leaves on each rank.
+    table = json.loads((tmp_path / "zero3" / "training_summary.json").read_text())["param_table"]
+    assert table[-1]["total"] == table[-1]["trainable"] == sum(v.numel() for v in start.values())
+    assert format_table(table) in log  # and so does the table the run printed
+    # The saved model is what the optimizer held: DeepSpeed's own zero_to_fp32 rebuilds it from the partitions.
+    held = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "zero3" / "checkpoint-6"))
+    assert held.keys() == zero3.keys() and all(torch.equal(held[k], zero3[k]) for k in held)
+    model = load_trained(tmp_path / "zero3", device="cpu").model
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]])}
+    reference = LlavaForConditionalGeneration.from_pretrained(base)
+    reference.load_state_dict(held)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference.eval()(**batch).logits)
+    # Resumed from the ZeRO-3 checkpoint at step 3 (partitioned optimizer states and all): the same model.
+    (tmp_path / "resumed").mkdir()
+    os.rename(tmp_path / "zero3" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    _trained([*args, *saving, "--deepspeed", str(REPO / "configs" / "zero3.json"), "--resume_from_checkpoint",
+              "auto"], tmp_path / "resumed")
+    resumed = _weights(tmp_path / "resumed")
+    assert all(torch.equal(resumed[k], zero3[k]) for k in zero3)
+
+
+@pytest.mark.launcher
+def test_zero3_lora_and_offload_train_as_without_them(stage1, small_data, tmp_path):
+    """Stage 2 `use_lora` under ZeRO-3 gives ZeRO-2's adapter; ZeRO-3 with CPU offload gives ZeRO-3's model."""
+    from safetensors.torch import load_file
+
+    from course_lib.serving.loading import load_trained
+
+    base, _ = stage1
+    lora = ["--stage", "finetune", "--train_type", "use_lora", "--model_name_or_path", str(base),
+            *small_data["instruct"], *FAST[2:], *SGD]
+    _trained([*lora, "--deepspeed", str(REPO / "configs" / "zero3.json")], tmp_path / "lora3")
+    _trained(lora, tmp_path / "lora2")
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("lora3", "lora2"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    merged = load_trained(tmp_path / "lora3", device="cpu", merge_lora=True).model.state_dict()
+    start = _weights(base)
+    assert all(torch.equal(merged[k], v) for k, v in start.items() if "vision_tower" in k)  # frozen
+    # Offload (configs/zero3_offload.json) with the Trainer's AdamW, against ZeRO-3 alone. A torch SGD
+    # optimizer is not compared: DeepSpeed's offload trains differently with it (step-2 loss 9.62 against 5.61).
+    full = ["--stage", "finetune", "--train_type", "none", "--model_name_or_path", str(base),
+            *small_data["instruct"], *FAST]
+    _trained([*full, "--deepspeed", str(REPO / "configs" / "zero3_offload.json")], tmp_path / "offload")
+    _trained([*full, "--deepspeed", str(REPO / "configs" / "zero3.json")], tmp_path / "zero3")
+    losses = [json.loads((tmp_path / d / "training_summary.json").read_text())["losses"] for d in ("offload", "zero3")]
+    assert [s for s, _ in losses[0]] == [1, 2, 3]
+    assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(*losses)), losses
+    offload, zero3 = _weights(tmp_path / "offload"), _weights(tmp_path / "zero3")
+    assert max((offload[k] - zero3[k]).abs().max().item() for k in zero3) < 5e-4  # lr 1e-2: 5% of one step
 
 
 @pytest.mark.parametrize("env, expected", [

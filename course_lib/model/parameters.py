@@ -30,8 +30,9 @@ def param_table(model: nn.Module) -> list[dict]:
             continue
         seen.add(id(p))
         row = rows.setdefault(part_of(name), {"module": part_of(name), "total": 0, "trainable": 0})
-        row["total"] += p.numel()
-        row["trainable"] += p.numel() if p.requires_grad else 0
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor; ds_numel is the real size
+        row["total"] += n
+        row["trainable"] += n if p.requires_grad else 0
     out = [r for r in rows.values() if r["total"]]
     out.append({"module": "total", "total": sum(r["total"] for r in out),
                 "trainable": sum(r["trainable"] for r in out)})

@@ -13,6 +13,7 @@ from course_lib.model.partial_lora import ATTR as PARTIAL_LORA_ATTR
 from course_lib.model.partial_lora import save_partial_lora
 from course_lib.serving.loading import PREPROCESSING_FILE
 from course_lib.training.arguments import PROJECTOR_FILE, DataArguments, ModelArguments
+from course_lib.training.zero import whole_parameters
 
 if TYPE_CHECKING:
     from transformers import ProcessorMixin, Trainer
@@ -101,10 +102,13 @@ def save_outputs(trainer: Trainer, processor: ProcessorMixin, margs: ModelArgume
     finally:
         if adapters is not None:
             base.add_module(PARTIAL_LORA_ATTR, adapters)
-    if adapters is not None and trainer.is_world_process_zero():
-        save_partial_lora(base, staging)
-    if not trainer.is_world_process_zero():
-        return
+    projector = base.model.multi_modal_projector
+    with whole_parameters([*projector.parameters(), *(adapters.parameters() if adapters is not None else ())]):
+        if not trainer.is_world_process_zero():
+            return
+        if adapters is not None:
+            save_partial_lora(base, staging)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}
     padded = dargs.pad_to_square or bool(getattr(processor.image_processor, "do_pad", False))
     (padding_processor(processor) if padded else processor).save_pretrained(staging)
     # Inference must prepare images as training did (course_lib.serving.loading.read_preprocessing). Padding
@@ -112,8 +116,6 @@ def save_outputs(trainer: Trainer, processor: ProcessorMixin, margs: ModelArgume
     (staging / PREPROCESSING_FILE).write_text(json.dumps(
         {"pad_to_square": padded, "image_tiling": dargs.image_tiling}, indent=1))
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the args are in training_summary.json
-    state = {k: v.detach().float().cpu().contiguous()
-             for k, v in base.model.multi_modal_projector.state_dict().items()}
     if margs.stage == "pretrain" or margs.train_type != "use_lora":
         save_file(state, str(staging / PROJECTOR_FILE), metadata={"format": "pt", "module": PROJECTOR})
     publish_model(staging, out)

@@ -14,6 +14,7 @@ import torch
 from course_lib.model.partial_lora import ATTR as PARTIAL_LORA_ATTR
 from course_lib.training.arguments import ModelArguments, attn_implementation
 from course_lib.training.trainable import optimizer_groups
+from course_lib.training.zero import whole_parameters
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -50,7 +51,9 @@ def load_model(margs: ModelArguments, dtype: torch.dtype) -> LlavaForConditional
             path, dtype=dtype, attn_implementation=attn_implementation(margs.attn_implementation))
     if margs.pretrain_projector:
         state = load_file(margs.pretrain_projector)
-        model.model.multi_modal_projector.load_state_dict(state, strict=True)
+        projector = model.model.multi_modal_projector
+        with whole_parameters(projector.parameters(), modify=True):
+            projector.load_state_dict(state, strict=True)
     return model
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
 
 STAGE_TRAIN_TYPES = (("pretrain", "projector only (stage 1)"), ("use_lora", "use_lora"),
                      ("freeze_vision", "freeze_vision"), ("none", "none (full)"))
@@ -41,3 +44,18 @@ def trainable_counts(build: Callable) -> dict[str, tuple[int, int]]:
                                                  train_type))
     counts["use_lora"] = count(prepare_model(model, "finetune", "use_lora"))  # last: it wraps the model
     return {t: counts[t] for t, _ in STAGE_TRAIN_TYPES}
+
+
+@contextmanager
+def whole_parameters(params: Iterable[torch.nn.Parameter], modify: bool = False) -> Iterator[None]:
+    """Inside the block, ZeRO-3-partitioned parameters are whole on every rank (ZeRO-3 keeps 1/N of each per
+    rank, and an empty tensor in its place); a no-op for parameters that are not partitioned. With `modify`,
+    what rank 0 writes into them is partitioned back to every rank on exit. Collective: every rank enters."""
+    params = list(params)
+    if not any(hasattr(p, "ds_id") for p in params):  # not ZeRO-3: no DeepSpeed import
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
