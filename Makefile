@@ -31,7 +31,7 @@ test: lint
 
 # The quick lane for development: deselects the slow markers registered in pyproject.toml.
 test-fast: lint
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests -m "not notebook and not browser and not launcher and not training"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests -m "not notebook and not browser and not launcher and not training and not serving"
 
 # Speed, padded vs packed, side by side (not part of `make test`); figures and results.json in benchmarks/out.
 bench: $(STAMP)

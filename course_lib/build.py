@@ -22,6 +22,7 @@ from torch import nn
 from course_lib.data.image_tokens import num_image_tokens
 from course_lib.data.records import IMAGE_TOKEN
 from course_lib.model.chat_template import LLAVA_QWEN_TEMPLATE
+from course_lib.model.layout import save_llava
 from course_lib.util.cli import Parser, UserError, command, first_line
 from course_lib.util.files import check_writable
 from course_lib.util.quiet import quiet_transformers
@@ -182,7 +183,7 @@ def build_llava(vision: str, llm: str, out: str | Path | None = None, *, seed: i
     )
     if out is not None:
         out = Path(out)
-        model.save_pretrained(out)  # safetensors
+        save_llava(model, out)  # safetensors, in the llava-hf layout that vLLM and every transformers read
         processor.save_pretrained(out)
     return model, processor
 

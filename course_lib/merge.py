@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 def merge_lora(adapter_dir: str | Path, out: str | Path) -> LlavaForConditionalGeneration:
     """Load base + adapter (the base found from the adapter's own config), fold the LoRA deltas into the
     weights, save model and processor to `out` as safetensors; returns the merged model."""
+    from course_lib.model.layout import save_llava
     from course_lib.training.checkpoints import publish_model
 
     loaded = load_trained(adapter_dir, device="cpu", dtype=torch.float32, merge_lora=True)
@@ -34,7 +35,7 @@ def merge_lora(adapter_dir: str | Path, out: str | Path) -> LlavaForConditionalG
     out = Path(out)
     staging = out / ".merge.partial"
     staging.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(staging)
+    save_llava(loaded.model, staging)
     loaded.processor.save_pretrained(staging)
     # How training prepared images travels with the model (pad_to_square, tiling), as in the adapter folder.
     (staging / PREPROCESSING_FILE).write_text(json.dumps(loaded.preprocessing, indent=1))

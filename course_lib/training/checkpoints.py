@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from course_lib.model.layout import save_llava
 from course_lib.model.lora import PROJECTOR
 from course_lib.model.partial_lora import ATTR as PARTIAL_LORA_ATTR
 from course_lib.model.partial_lora import save_partial_lora
@@ -98,7 +99,12 @@ def save_outputs(trainer: Trainer, processor: ProcessorMixin, margs: ModelArgume
     base.config.text_config.use_cache = True  # saved for inference
     adapters = base._modules.pop(PARTIAL_LORA_ATTR, None)  # kept out of the standard checkpoint
     try:
-        trainer.save_model(str(staging))  # all ranks: DeepSpeed may need to gather
+        if base is not trainer.model:  # a PEFT model: the Trainer writes the adapter
+            trainer.save_model(str(staging))  # all ranks: DeepSpeed may need to gather
+        else:  # all ranks: under ZeRO-3 the weights are gathered from every rank's slice
+            state = trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else base)
+            if trainer.is_world_process_zero():
+                save_llava(base, staging, state)
     finally:
         if adapters is not None:
             base.add_module(PARTIAL_LORA_ATTR, adapters)

@@ -1,0 +1,87 @@
+"""Serving with vLLM's CPU build, in its own venv: greedy answers over the OpenAI API equal course_lib.chat's."""
+
+import json
+
+import pytest
+import torch
+
+from course_lib import train
+from course_lib.chat import Chat
+from course_lib.serve import ServeError, ask, chat_messages, servable, vllm_server
+from course_lib.serving.generation import prepare_inputs
+from course_lib.serving.loading import load_trained
+
+pytestmark = pytest.mark.serving
+
+# (question, how many images): text only, one image, two images.
+PROMPTS = [("What can you do?", 0), ("Describe a circle in one sentence.", 0), ("What shape is in the picture?", 1),
+           ("What colour is the shape?", 1), ("How many images are there?", 2), ("Which picture has a square?", 2)]
+STEPS = ["--max_steps", "12", "--per_device_train_batch_size", "4", "--report_to", "none", "--learning_rate", "3e-3",
+         "--seed", "0", "--save_strategy", "no"]
+
+
+@pytest.fixture(scope="module")
+def models(empty_llava, tiny_world, tmp_path_factory):
+    """Tiny-world outputs: stage 1, then stage 2 full (`none`) and `use_lora`, on 48 samples each."""
+    root = tmp_path_factory.mktemp("served")
+    for name, source in (("captions", tiny_world.data / "pretrain" / "chat.json"),
+                         ("instruct", tiny_world.data / "instruct" / "instruct.json")):
+        (root / f"{name}.json").write_text(json.dumps(json.loads(source.read_text())[:48]))
+    folder, _, _ = empty_llava
+    train.run(["--stage", "pretrain", "--model_name_or_path", str(folder), "--data_path", str(root / "captions.json"),
+               "--image_folder", str(tiny_world.data / "pretrain" / "images_dl"), "--output_dir", str(root / "stage1"),
+               *STEPS])
+    for train_type in ("none", "use_lora"):
+        train.run(["--stage", "finetune", "--train_type", train_type, "--model_name_or_path", str(root / "stage1"),
+                   "--data_path", str(root / "instruct.json"), "--image_folder",
+                   str(tiny_world.data / "instruct" / "images"), "--output_dir", str(root / train_type), *STEPS])
+    return root
+
+
+@pytest.mark.parametrize("train_type", ["none", "use_lora"])
+def test_vllm_serves_greedy_answers_equal_to_the_librarys(models, tiny_world, train_type, capsys):
+    from openai import OpenAI
+
+    images = sorted((tiny_world.data / "eval" / "images").glob("*.png"))[:2]
+    folder = servable(models / train_type)  # a LoRA output is merged into use_lora_merged first
+    assert (folder.name == "use_lora_merged") == (train_type == "use_lora")
+    chat = Chat(load_trained(folder, device="cpu"))
+    expected = []
+    for text, n in PROMPTS:
+        chat.reset()
+        expected.append(chat.ask(text, images[:n], max_new_tokens=24))
+    with vllm_server(models / train_type) as url:
+        client = OpenAI(base_url=url, api_key="unused")
+        served = [ask(client, folder.name, text, images[:n], max_tokens=24) for text, n in PROMPTS]
+        # The first answer token's top-5 log-probabilities: the prompt's tokens, the image features and the
+        # weights all reach them, so they show a difference that the same short greedy answer could hide.
+        first = [client.chat.completions.create(
+            model=folder.name, messages=chat_messages(text, images[:n]), temperature=0, max_tokens=1, logprobs=True,
+            top_logprobs=5, extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs.content[0]
+            for text, n in PROMPTS]
+    same = sum(a == b for a, b in zip(served, expected))
+    with capsys.disabled():
+        print(f"\n{train_type}: {same} of {len(PROMPTS)} greedy answers equal: {served}")
+    worst = 0.0
+    for (text, n), token in zip(PROMPTS, first):
+        chat.reset()
+        messages, turn_images = chat.turn(text, images[:n])
+        inputs = prepare_inputs(chat.loaded.processor, [messages], [turn_images], chat.loaded.device,
+                                chat.loaded.dtype, **chat.loaded.preprocessing)
+        with torch.no_grad():
+            library = chat.loaded.model(**inputs).logits[0, -1].float().log_softmax(-1)
+        served_top = {int(t.token.split(":")[1]): t.logprob for t in token.top_logprobs}
+        assert set(served_top) == set(library.topk(5).indices.tolist()), text
+        worst = max(worst, *(abs(lp - library[i].item()) for i, lp in served_top.items()))
+    with capsys.disabled():
+        print(f"{train_type}: first-token top-5 log-probabilities within {worst:.1e} of the library's")
+    assert served == expected and worst < 1e-3, worst
+
+
+def test_partial_lora_and_non_models_are_refused_in_one_line(tmp_path):
+    (tmp_path / "partial_lora.json").write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlavaForConditionalGeneration"]}))
+    with pytest.raises(ServeError, match="Partial LoRA"):
+        servable(tmp_path)
+    with pytest.raises(ServeError, match="no such folder"):
+        servable(tmp_path / "missing")
