@@ -24,6 +24,7 @@ import base64
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -70,7 +71,7 @@ def servable(model: str | Path, log=print) -> Path:
         raise ServeError(f"--model {folder}: a Partial LoRA output; its update depends on the position, so it "
                          "cannot be merged into weights that vLLM could load (serve it with course_lib.chat)")
     if kind != "lora":
-        return folder
+        return in_hub_layout(folder, log)
     merged = folder.parent / f"{folder.name}_merged"
     if not (merged / "config.json").is_file() or (merged / "config.json").stat().st_mtime < (
             folder / "adapter_model.safetensors").stat().st_mtime:
@@ -78,7 +79,37 @@ def servable(model: str | Path, log=print) -> Path:
 
         log(f"[course_lib.serve] {folder} is a LoRA output: merging it into {merged}")
         merge_lora(folder, merged)
-    return merged
+    return in_hub_layout(merged, log)
+
+
+def in_hub_layout(folder: Path, log=print) -> Path:
+    """`folder`, its weights rewritten in the llava-hf layout first if they are not (a folder saved by an
+    earlier course version, or by transformers 5.23's own save_pretrained): same weights, other key names,
+    files replaced one by one."""
+    from safetensors import safe_open
+
+    from course_lib.model.layout import HUB_PREFIXES, INDEX
+
+    hub = tuple({prefix for _, prefix in HUB_PREFIXES})
+    files = sorted(folder.glob("model*.safetensors"))
+    keys = [k for f in files for k in safe_open(str(f), "pt").keys()]
+    if keys and (folder / INDEX).is_file() and all(k.startswith(hub) for k in keys):
+        return folder
+    from transformers import LlavaForConditionalGeneration
+
+    from course_lib.model.layout import save_llava
+
+    log(f"[course_lib.serve] {folder}: rewriting its weights in the llava-hf key layout that vLLM reads")
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype="auto")
+    staging = folder / ".layout.partial"
+    save_llava(model, staging)
+    for stale in files:
+        if not (staging / stale.name).exists():
+            stale.unlink()
+    for new in staging.iterdir():
+        os.replace(new, folder / new.name)
+    staging.rmdir()
+    return folder
 
 
 def serve_command(folder: Path, venv: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -117,6 +148,17 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _root_cause(log_path: Path) -> str:
+    """The first exception line of vLLM's log (a worker's), not the engine's "see root cause above"."""
+    import re
+
+    for line in log_path.read_text(errors="replace").splitlines():
+        found = re.search(r"\b([A-Z]\w*(?:Error|Exception)): (.*)", line)
+        if found and "root cause" not in line and "ulimit" not in line:
+            return f"{found.group(1)}: {found.group(2)[:300]} (log: {log_path})"
+    return f"see {log_path}"
+
+
 @contextmanager
 def vllm_server(model: str | Path, port: int | None = None, timeout: float = 600, log_file: str | Path | None = None,
                 log=print) -> Iterator[str]:
@@ -139,9 +181,7 @@ def vllm_server(model: str | Path, port: int | None = None, timeout: float = 600
     try:
         while not _healthy(base):
             if proc.poll() is not None:
-                lines = [line for line in log_path.read_text(errors="replace").splitlines() if "Error" in line]
-                raise ServeError(f"vLLM stopped while starting (exit {proc.returncode}): "
-                                 f"{lines[-1].strip() if lines else 'see ' + str(log_path)}")
+                raise ServeError(f"vLLM stopped while starting (exit {proc.returncode}): {_root_cause(log_path)}")
             if time.time() - start > timeout:
                 raise ServeError(f"vLLM did not answer within {timeout:.0f} s; its log: {log_path}")
             time.sleep(1)
@@ -200,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     venv = None if torch.cuda.is_available() else ensure_vllm()
     cmd = serve_command(folder, venv, args.host, args.port, args.max_model_len)
-    print(f"[course_lib.serve] {' '.join(cmd)}\n[course_lib.serve] OpenAI API at http://{args.host}:{args.port}/v1, "
+    print(f"[course_lib.serve] {shlex.join(cmd)}\n[course_lib.serve] OpenAI API at http://{args.host}:{args.port}/v1, "
           f"model name {folder.name!r}; Ctrl-C stops it", flush=True)
     return subprocess.call(cmd, env=cpu_env() if venv else None)
 

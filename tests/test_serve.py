@@ -103,3 +103,23 @@ def test_lmms_eval_scores_the_course_model_as_course_lib_eval_does(models, tiny_
     image_questions = [q for q in report["questions"] if q["type"] != "text"]
     assert all(q["course_lib"].strip() == q["lmms_eval"].strip() for q in image_questions)
     assert all(q["lmms_eval"] == "" for q in text_only)  # the documented failure, still there in 0.7.3
+
+
+def test_a_folder_in_transformers_own_layout_is_rewritten_for_vllm(models, tmp_path):
+    """transformers 5.23's save_pretrained writes CLIP as `vision_tower.embeddings.*`, which vLLM cannot
+    load: servable rewrites the keys (same weights) and keeps the folder's other files."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+
+    shutil.copytree(models / "none", tmp_path / "old")
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "old")
+    for f in (tmp_path / "old").glob("model*.safetensors*"):
+        f.unlink()
+    model.save_pretrained(tmp_path / "old")
+    assert servable(tmp_path / "old") == tmp_path / "old" and (tmp_path / "old" / "projector.safetensors").is_file()
+    keys = list(safe_open(str(tmp_path / "old" / "model.safetensors"), "pt").keys())
+    assert any(k.startswith("vision_tower.vision_model.") for k in keys)
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "old").state_dict()
+    assert all(torch.equal(v, reloaded[k]) for k, v in model.state_dict().items())
