@@ -62,11 +62,13 @@ def save_llava(model: LlavaForConditionalGeneration, folder: str | Path,
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    state = hub_layout(model.state_dict() if state_dict is None else state_dict)
     model.config.architectures = [type(model).__name__]
+    # The weights' dtype, as save_pretrained records it: vLLM's and transformers' dtype="auto" read it.
+    model.config.dtype = str(next(t.dtype for t in state.values() if t.is_floating_point())).split(".")[1]
     model.config.save_pretrained(folder)
     if model.can_generate() and model.generation_config is not None:
         model.generation_config.save_pretrained(folder)
-    state = hub_layout(model.state_dict() if state_dict is None else state_dict)
     save_torch_state_dict(state, folder, metadata={"format": "pt"}, max_shard_size="5GB")
     if not (folder / INDEX).is_file():
         # An index for the single file too: vLLM loads every *.safetensors in a folder that has none, and the
