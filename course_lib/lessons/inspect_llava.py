@@ -54,8 +54,8 @@ COURSE = [
      "LoRA", "train, training.trainable, model.lora, training.checkpoints, merge, lessons.scoreboard"),
     ("06_compare_train_types", "the train types side by side: accuracy per question type, cost",
      "eval, training.recipes, lessons.scoreboard, lessons.plots"),
-    ("07_chat_demo", "chat with a trained LLaVA about images, in code and in a widget",
-     "serving.loading, serving.generation, chat, serving.widgets"),
+    ("07_chat_demo", "chat with a trained LLaVA about images, in code and in a widget; serve it with vLLM and ask "
+     "through the OpenAI client", "serving.loading, serving.generation, chat, serving.widgets, serve"),
     ("08_speed", "padding vs packing measured, attention backends, ZeRO-2 memory, the data loader, cost growth",
      "lessons.speed, data.collators, data.sampler, training.zero"),
     ("09_design_patterns", "ways to join vision and language: CLIP's loss, projectors, Q-Former, pixel shuffle, "
