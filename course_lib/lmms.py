@@ -20,11 +20,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from course_lib.util.cli import Parser, UserError, command
+from course_lib.util.files import atomic_write_json
 
 LMMS_EVAL = "lmms-eval==0.7.3"
 # llava_hf imports decord without declaring it; filelock 4 removed a module lmms-eval 0.7.3 imports.
@@ -136,6 +138,7 @@ def run_lmms_eval(model: Path, task_dir: Path, rows: list[dict], out: Path, venv
            "--device", "cpu", "--batch_size", "1", "--log_samples", "--output_path", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(out / "datasets_cache")}
+    shutil.rmtree(out, ignore_errors=True)  # a samples file of an earlier run (another model) must not be read
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     samples = sorted(out.rglob(f"*_samples_{TASK}.jsonl"))
     if not samples:  # lmms-eval exits 0 even when the run failed: its samples file is the proof
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in report["differences"]:
         print(f"  {d['id']}: course_lib {d['course_lib']!r}, lmms-eval {d['lmms_eval']!r}: {d['reason']}")
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        atomic_write_json(args.out, report, indent=1)
     return 0
 
 

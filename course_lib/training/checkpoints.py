@@ -98,23 +98,22 @@ def save_outputs(trainer: Trainer, processor: ProcessorMixin, margs: ModelArgume
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     base.config.text_config.use_cache = True  # saved for inference
     adapters = base._modules.pop(PARTIAL_LORA_ATTR, None)  # kept out of the standard checkpoint
+    weights = {}
     try:
         if base is not trainer.model:  # a PEFT model: the Trainer writes the adapter
             trainer.save_model(str(staging))  # all ranks: DeepSpeed may need to gather
-        else:  # all ranks: under ZeRO-3 the weights are gathered from every rank's slice
-            state = trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else base)
+        else:  # all ranks: under ZeRO-3 the weights are gathered from every rank's slice (to rank 0)
+            weights = trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else base)
             if trainer.is_world_process_zero():
-                save_llava(base, staging, state)
+                save_llava(base, staging, weights)
     finally:
         if adapters is not None:
             base.add_module(PARTIAL_LORA_ATTR, adapters)
-    projector = base.model.multi_modal_projector
-    with whole_parameters([*projector.parameters(), *(adapters.parameters() if adapters is not None else ())]):
+    with whole_parameters(adapters.parameters() if adapters is not None else ()):
         if not trainer.is_world_process_zero():
             return
         if adapters is not None:
             save_partial_lora(base, staging)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}
     padded = dargs.pad_to_square or bool(getattr(processor.image_processor, "do_pad", False))
     (padding_processor(processor) if padded else processor).save_pretrained(staging)
     # Inference must prepare images as training did (course_lib.serving.loading.read_preprocessing). Padding
@@ -122,8 +121,11 @@ def save_outputs(trainer: Trainer, processor: ProcessorMixin, margs: ModelArgume
     (staging / PREPROCESSING_FILE).write_text(json.dumps(
         {"pad_to_square": padded, "image_tiling": dargs.image_tiling}, indent=1))
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the args are in training_summary.json
-    if margs.stage == "pretrain" or margs.train_type != "use_lora":
-        save_file(state, str(staging / PROJECTOR_FILE), metadata={"format": "pt", "module": PROJECTOR})
+    if margs.stage == "pretrain" or margs.train_type != "use_lora":  # LoRA's adapter holds its projector
+        prefix = f"model.{PROJECTOR}."  # the stage-1 projector alone, from the weights just saved
+        projector = {k[len(prefix):]: v.detach().float().cpu().contiguous() for k, v in weights.items()
+                     if k.startswith(prefix)}
+        save_file(projector, str(staging / PROJECTOR_FILE), metadata={"format": "pt", "module": PROJECTOR})
     publish_model(staging, out)
 
 

@@ -55,7 +55,7 @@ def side_venv(folder: Path, packages: Sequence[str], flag: str, keep_torchvision
         pip = [str(python), "-m", "pip", "install", "-q"]
         _run([*pip, TORCH], f"pip install {TORCH}")
         _run([*pip, *packages, TORCH], f"pip install {' '.join(packages)}")
-        broken = [m for m in ("torchaudio", "torchcodec") if _imports(python, m) is False]
+        broken = [m for m in ("torchaudio", "torchcodec") if not _imports(python, m)]
         if not keep_torchvision and not _imports(python, "torchvision"):
             broken.append("torchvision")  # transformers then uses its PIL image processors
         if broken:
