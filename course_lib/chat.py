@@ -2,6 +2,7 @@
 
     python -m course_lib.chat --model runs/tiny/finetune_use_lora --image a.png --image b.png --prompt "Compare them."
     python -m course_lib.chat --model runs/tiny/finetune_use_lora   # interactive: /image PATH, /reset, /quit
+    python -m course_lib.chat --model llava-hf/llava-interleave-qwen-0.5b-hf --image photo.jpg --prompt "What is this?"
 
 Prompts are built by the processor's chat template from messages whose `content` lists
 {"type": "image"} and {"type": "text"} items, so a turn renders as `<image>\\n...` exactly like the
@@ -151,7 +152,8 @@ HELP = "commands: /image PATH adds an image to your next message, /reset starts 
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m course_lib.chat", description=__doc__.split("\n")[0])
     parser.add_argument("--model", "--model_name_or_path", dest="model", required=True,
-                        help="a trained output folder: full, merged, or LoRA adapter")
+                        help="a trained output folder (full, merged, or LoRA adapter) or a hub LLaVA's id, e.g. "
+                             "llava-hf/llava-interleave-qwen-0.5b-hf")
     parser.add_argument("--image", action="append", default=[], help="an image for the (first) prompt; repeatable")
     parser.add_argument("--prompt", help="ask once and exit; without it, chat interactively on stdin")
     parser.add_argument("--max_new_tokens", type=int, default=128)

@@ -2,6 +2,7 @@
 small random weights, so the practitioner's path runs here as it will on a GPU: build, stage 1, stage 2 with
 LLaVA-1.5's own flags, merge, chat and eval, on real photos (scikit-image's)."""
 
+import io
 import json
 import os
 import subprocess
@@ -13,7 +14,14 @@ import torch
 from PIL import Image
 
 from course_lib.build import build_llava
-from course_lib.world.real_shaped import LLM_NAME, VISION_NAME, ensure_real_shaped_world, qwen2_5_tokenizer
+from course_lib.world.real_shaped import (
+    INTERLEAVE_FILES,
+    INTERLEAVE_ID,
+    LLM_NAME,
+    VISION_NAME,
+    ensure_real_shaped_world,
+    qwen2_5_tokenizer,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # 512x512, 600x400, 451x300, 640x427
@@ -188,3 +196,77 @@ def test_the_practitioners_path_runs_at_real_shapes(llava, photo_data, tmp_path,
                       str(tmp_path / "report.json")]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n"] == 2 and report["models"][0]["generation"]["do_sample"] is False
+
+
+@pytest.fixture
+def interleave_from_the_hub(real_world, tmp_path, monkeypatch):
+    """llava-interleave-qwen-0.5b-hf reached by its hub id, offline: the real-shaped copy placed in a hub cache
+    (models--owner--name/refs/main -> snapshots/<commit>), as `huggingface_hub` leaves a download."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    storage = tmp_path / "hub" / ("models--" + INTERLEAVE_ID.replace("/", "--"))
+    shutil.copytree(real_world.interleave, storage / "snapshots" / commit)
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return storage / "snapshots" / commit
+
+
+def test_a_hub_llava_of_another_shape_chats_as_its_model_card_runs_it(interleave_from_the_hub, real_world):
+    """SigLIP (729 tokens per image, no class token), layer -1, `<image>` at 151646, its own chat template:
+    the course's loader, chat and widget take it by hub id and answer what transformers' own recipe answers."""
+    from skimage import data
+
+    from course_lib.chat import Chat
+    from course_lib.serving.generation import GenerationSettings
+    from course_lib.serving.loading import load_trained
+    from course_lib.serving.widgets import ChatUI
+
+    for name in ("config.json", "chat_template.json", "preprocessor_config.json", "tokenizer_config.json"):
+        hub = json.loads((INTERLEAVE_FILES / name).read_text())
+        ours = json.loads((real_world.interleave / name).read_text())
+        if name == "config.json":  # the hub's file but for depth and width
+            for part in ("text_config", "vision_config"):
+                for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "num_key_value_heads"):
+                    hub[part].pop(key, None), ours[part].pop(key, None)
+        assert ours == hub, name
+    loaded = load_trained(INTERLEAVE_ID, device="cpu")
+    model, processor = loaded.model, loaded.processor
+    assert loaded.path == interleave_from_the_hub and loaded.name == INTERLEAVE_ID and loaded.dtype == torch.float32
+    assert type(model.model.vision_tower).__name__ == "SiglipVisionModel"
+    assert model.config.text_config.tie_word_embeddings and model.lm_head.weight.shape[0] == 152000
+
+    photos = [Image.fromarray(data.astronaut()), Image.fromarray(data.coffee())]
+    question = "What is shown?"
+    # The model card's recipe: the processor's chat template, then the processor, then greedy generate.
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n"
+    inputs = processor(images=photos[0], text=prompt, return_tensors="pt")
+    assert (inputs["input_ids"] == 151646).sum() == 729 and inputs["pixel_values"].shape[-2:] == (384, 384)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    expected = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert expected
+
+    chat = Chat(loaded, GenerationSettings(max_new_tokens=6))
+    assert chat.ask(question, [photos[0]]) == expected
+    second = chat.ask("And this one?", [photos[1]])  # two images in one conversation: 2 x 729 tokens
+    assert second and len(chat.images) == 2
+
+    from test_widgets import upload_value
+
+    ui = ChatUI(models=[INTERLEAVE_ID], runs_dir=[])
+    assert ui.picker.value == INTERLEAVE_ID
+    png = io.BytesIO()
+    photos[0].save(png, format="PNG")
+    ui.upload.value = upload_value(("astronaut.png", png.getvalue()))
+    ui.max_new_tokens.value = 6
+    ui.message.value = question
+    ui.send.click()
+    assert ui.entries[-1].role == "assistant" and ui.entries[-1].text == expected

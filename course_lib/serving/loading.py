@@ -1,6 +1,7 @@
 """Load any trained LLaVA for inference: a full folder, a merged LoRA folder, or base + LoRA adapter.
 
     loaded = load_trained("runs/tiny/finetune_use_lora")   # or runs/tiny/pretrain, a merged folder, ...
+    loaded = load_trained("llava-hf/llava-interleave-qwen-0.5b-hf")   # or a hub id: downloaded once, then cached
     loaded.model, loaded.processor, loaded.kind, loaded.device, loaded.dtype
 
 A full (or merged) folder is a plain `LlavaForConditionalGeneration` checkpoint. A LoRA folder holds
@@ -28,6 +29,8 @@ from course_lib.util.quiet import quiet_transformers
 ADAPTER_CONFIG = "adapter_config.json"
 PREPROCESSING_FILE = "image_preprocessing.json"  # written by course_lib.train
 LLAVA_ARCHITECTURE = "LlavaForConditionalGeneration"
+# What a hub download fetches: configs, chat templates, tokenizer files and safetensors weights. Never pickles.
+HUB_FILES = ["*.json", "*.jinja", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 Kind = Literal["full", "lora"]
 
@@ -44,6 +47,7 @@ class LoadedModel:
     path: Path
     base: Path | None = None  # the base folder of a LoRA adapter
     preprocessing: dict = field(default_factory=dict)  # image_preprocessing.json: pad_to_square, image_tiling
+    hub_id: str | None = None  # the hub repository it was downloaded from, if it was
 
     @property
     def device(self) -> torch.device:
@@ -55,7 +59,7 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.hub_id or self.path.name
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -138,6 +142,25 @@ def adapter_base(folder: str | Path) -> Path:
         + "; set base_model_name_or_path to the stage-1 LLaVA folder the adapter was trained from")
 
 
+def is_hub_id(name: str | Path) -> bool:
+    """Whether `name` reads as a hub repository id (`owner/name`) and is not a folder here."""
+    parts = str(name).split("/")
+    return (isinstance(name, str) and len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+            and not Path(name).exists())
+
+
+def hub_folder(repo_id: str) -> Path:
+    """The local snapshot of a hub model: downloaded on first use (only HUB_FILES), then read from the hub's
+    cache; offline (`HF_HUB_OFFLINE=1`), only the cache. Any failure is one LoadError line."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_FILES))
+    except Exception as err:  # noqa: BLE001 - any hub, network or cache failure becomes one readable line
+        raise LoadError(f"--model {repo_id}: not a folder here, and the hub download failed ({first_line(err)}); "
+                        "check the name, or download it yourself and pass its folder") from None
+
+
 def _has_processor(folder: Path) -> bool:
     return (folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file()
 
@@ -157,7 +180,8 @@ def load_trained(
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    path = Path(path)
+    hub_id = str(path) if is_hub_id(path) else None
+    path = hub_folder(hub_id) if hub_id else Path(path)
     kind = checkpoint_kind(path)
     device = pick_device(device)
     dtype = dtype or pick_dtype(device)
@@ -183,7 +207,7 @@ def load_trained(
         processor = AutoProcessor.from_pretrained(path if _has_processor(path) else weights)
     model.to(device).eval()
     return LoadedModel(model=model, processor=processor, kind=kind, path=path, base=base_path,
-                       preprocessing=read_preprocessing(path, base_path))
+                       preprocessing=read_preprocessing(path, base_path), hub_id=hub_id)
 
 
 @contextlib.contextmanager

