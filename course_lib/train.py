@@ -107,7 +107,8 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     summary = {"stage": margs.stage, "train_type": margs.train_type if margs.stage == "finetune" else None,
                "steps": trainer.state.global_step, "epochs": trainer.state.epoch or 0.0, "samples": len(dataset),
                "skipped": dict(dataset.stats), "tokens": int(trainer.state.num_input_tokens_seen or 0),
-               "seconds": time.time() - start, "final_loss": losses[-1][1] if losses else result.training_loss,
+               "seconds": time.time() - start, "dtype": str(dtype).removeprefix("torch."),
+               "final_loss": losses[-1][1] if losses else result.training_loss,
                "train_loss": result.training_loss, "losses": losses, "output_dir": str(out),
                "loss_curve": str(out / "loss_curve.png"), "param_table": param_table(model),
                "args": {**asdict(margs), **asdict(dargs)}}
