@@ -1,9 +1,11 @@
 """Serving with vLLM's CPU build, in its own venv: greedy answers over the OpenAI API equal course_lib.chat's."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from course_lib import train
 from course_lib.chat import Chat
@@ -38,30 +40,27 @@ def models(empty_llava, tiny_world, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("train_type", ["none", "use_lora"])
-def test_vllm_serves_greedy_answers_equal_to_the_librarys(models, tiny_world, train_type, capsys):
+def served_and_library(output: Path, images: list, max_tokens: int = 24) -> tuple[list[str], list[str], float]:
+    """PROMPTS through vLLM's OpenAI API and through course_lib.chat, on the folder vLLM serves for `output`:
+    both lists of greedy answers, and how far apart the first token's top-5 log-probabilities are at most
+    (the top-5 ids must be the same)."""
     from openai import OpenAI
 
-    images = sorted((tiny_world.data / "eval" / "images").glob("*.png"))[:2]
-    folder = servable(models / train_type)  # a LoRA output is merged into use_lora_merged first
-    assert (folder.name == "use_lora_merged") == (train_type == "use_lora")
+    folder = servable(output)  # a LoRA output is merged into <output>_merged first
     chat = Chat(load_trained(folder, device="cpu"))
     expected = []
     for text, n in PROMPTS:
         chat.reset()
-        expected.append(chat.ask(text, images[:n], max_new_tokens=24))
-    with vllm_server(models / train_type) as url:
+        expected.append(chat.ask(text, images[:n], max_new_tokens=max_tokens))
+    with vllm_server(output) as url:
         client = OpenAI(base_url=url, api_key="unused")
-        served = [ask(client, folder.name, text, images[:n], max_tokens=24) for text, n in PROMPTS]
+        served = [ask(client, folder.name, text, images[:n], max_tokens=max_tokens) for text, n in PROMPTS]
         # The first answer token's top-5 log-probabilities: the prompt's tokens, the image features and the
         # weights all reach them, so they show a difference that the same short greedy answer could hide.
         first = [client.chat.completions.create(
             model=folder.name, messages=chat_messages(text, images[:n]), temperature=0, max_tokens=1, logprobs=True,
             top_logprobs=5, extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs.content[0]
             for text, n in PROMPTS]
-    same = sum(a == b for a, b in zip(served, expected))
-    with capsys.disabled():
-        print(f"\n{train_type}: {same} of {len(PROMPTS)} greedy answers equal: {served}")
     worst = 0.0
     for (text, n), token in zip(PROMPTS, first):
         chat.reset()
@@ -73,8 +72,39 @@ def test_vllm_serves_greedy_answers_equal_to_the_librarys(models, tiny_world, tr
         served_top = {int(t.token.split(":")[1]): t.logprob for t in token.top_logprobs}
         assert set(served_top) == set(library.topk(5).indices.tolist()), text
         worst = max(worst, *(abs(lp - library[i].item()) for i, lp in served_top.items()))
+    return served, expected, worst
+
+
+@pytest.mark.parametrize("train_type", ["none", "use_lora"])
+def test_vllm_serves_greedy_answers_equal_to_the_librarys(models, tiny_world, train_type, capsys):
+    images = sorted((tiny_world.data / "eval" / "images").glob("*.png"))[:2]
+    assert (servable(models / train_type).name == "use_lora_merged") == (train_type == "use_lora")
+    served, expected, worst = served_and_library(models / train_type, images)
+    same = sum(a == b for a, b in zip(served, expected))
     with capsys.disabled():
+        print(f"\n{train_type}: {same} of {len(PROMPTS)} greedy answers equal: {served}")
         print(f"{train_type}: first-token top-5 log-probabilities within {worst:.1e} of the library's")
+    assert served == expected and worst < 1e-3, worst
+
+
+def test_vllm_serves_a_real_shaped_llava_as_the_library_runs_it(tmp_path, capsys):
+    """The real Qwen2.5 tokenizer, chat template and generation_config (sampling, repetition penalty 1.1) and
+    CLIP-L/336's 576 image tokens per photo, with small random weights: what the practitioner serves."""
+    from skimage import data
+
+    from course_lib.build import build_llava
+    from course_lib.world.real_shaped import LLM_NAME, VISION_NAME
+
+    build_llava(VISION_NAME, LLM_NAME, tmp_path / "real", dtype="float32")
+    photos = []
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(data, name)()).save(tmp_path / f"{name}.png")
+        photos.append(tmp_path / f"{name}.png")
+    served, expected, worst = served_and_library(tmp_path / "real", photos, max_tokens=12)
+    same = sum(a == b for a, b in zip(served, expected))
+    with capsys.disabled():
+        print(f"\nreal-shaped: {same} of {len(PROMPTS)} greedy answers equal; first-token top-5 log-probabilities "
+              f"within {worst:.1e} of the library's")
     assert served == expected and worst < 1e-3, worst
 
 

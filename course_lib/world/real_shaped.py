@@ -38,7 +38,7 @@ FULL_VISION_NAME, FULL_LLM_NAME = "clip-l-336-random", "qwen2.5-0.5b-random"
 # (written by transformers 4.43) in hub_files/; see write_interleave.
 INTERLEAVE_NAME, INTERLEAVE_ID = "llava-interleave-qwen-0.5b-shaped", "llava-hf/llava-interleave-qwen-0.5b-hf"
 INTERLEAVE_FILES = Path(__file__).parent / "hub_files" / "llava-interleave-qwen-0.5b-hf"
-VERSION = "v2"  # bump when a file below changes: the cache folder is keyed by it
+VERSION = "v3"  # bump when a file below changes: the cache folder is keyed by it
 
 # Qwen2.5's added tokens in id order from 151643; the first 14 are special (tokenizer_config.json).
 QWEN2_5_ADDED = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -62,9 +62,11 @@ CLIP_PREPROCESSOR = {"crop_size": 336, "do_center_crop": True, "do_normalize": T
                      "feature_extractor_type": "CLIPFeatureExtractor",
                      "image_mean": [0.48145466, 0.4578275, 0.40821073], "resample": 3,
                      "image_std": [0.26862954, 0.26130258, 0.27577711], "size": 336}
-# The small part: two layers of width 64; 4 query heads over 2 KV heads keep grouped-query attention.
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
+# The small part: two layers of width 128. Heads keep the real head size, 64 (Qwen2.5: 896 / 14; CLIP-L:
+# 1024 / 16), because kernels are chosen by it: vLLM's CPU attention refuses head size 16 ("Unsupported CPU
+# attention configuration"). 2 query heads over 1 KV head keep grouped-query attention.
+SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1)
 # openai/clip-vit-large-patch14-336's text and vision widths (config.json), for the full-size variant.
 CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 CLIP_L_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
@@ -155,7 +157,7 @@ def write_interleave(out: Path, seed: int = 0) -> None:
     384-px image), the last layer's features (-1), `<image>` at 151646 (the one token it adds to Qwen1.5's
     vocabulary, rows padded to 152000), tied embeddings, and a chat template in chat_template.json that differs
     from the tokenizer's own (no system prompt; images first). Every small file is the hub's, byte for byte,
-    but config.json's widths and depths, which are SHAPE's (4 query heads over 4 KV heads: Qwen1.5 has no
+    but config.json's widths and depths, which are SHAPE's (2 query heads over 2 KV heads: Qwen1.5 has no
     grouped-query attention)."""
     import json
     import shutil
