@@ -11,6 +11,7 @@ pretrained weights, copied into transformers' current Llava layout (`model.model
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,10 @@ def build_llava(vision: str, llm: str, out: str | Path | None = None, *, seed: i
         out = Path(out)
         save_llava(model, out)  # safetensors, in the llava-hf layout that vLLM and every transformers read
         processor.save_pretrained(out)
+        from course_lib.training.runs import BUILT_FROM, built_from
+
+        # What it was built from, so that a notebook can tell it from one built on another tiny world.
+        (out / BUILT_FROM).write_text(json.dumps(built_from(vision, llm, seed, dtype), indent=1))
     return model, processor
 
 

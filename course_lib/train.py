@@ -32,6 +32,7 @@ from course_lib.training.checkpoints import (
     latest_complete_checkpoint,
     save_outputs,
 )
+from course_lib.training.runs import recipe_of
 from course_lib.training.safe_loading import weights_only_loading
 from course_lib.training.trainable import prepare_model
 from course_lib.training.trainer import load_model, load_processor, make_trainer
@@ -44,6 +45,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category
 def run(argv: list[str], callbacks: list | None = None) -> dict:
     """Train as the command line says; returns the summary dict (also written to the output folder)."""
     margs, dargs, targs = parse_args(argv)
+    recipe = recipe_of(argv)  # before training: the fingerprint of the folder it starts from, as it is now
     check_resume(targs.resume_from_checkpoint)
     if margs.check_only:  # run_zero2.sh, before launching ranks that would each print the same error
         check_records(dargs.data_path, dargs.image_folder)
@@ -72,15 +74,16 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     data_seconds = time.time() - data_start
     model = load_model(margs, dtype)
     model.config.text_config.use_cache = False  # no KV cache in training (one also disables packed masks)
-    if dargs.packing:  # SDPA attends per sample inside each packed row: same numbers, no cross-sample work
-        use_for_packing(model)
+    # SDPA attends per sample inside each packed row: same numbers, no cross-sample work.
+    per_sample = dargs.packing and use_for_packing(model)
     set_seed(targs.seed)  # again: LoRA's init must not depend on what loading drew (ZeRO-3's zero.Init does)
     model = prepare_model(model, margs.stage, margs.train_type, margs.lora_r, margs.lora_alpha, margs.lora_dropout,
                           gradient_checkpointing=targs.gradient_checkpointing)
     pad_id = processor.tokenizer.pad_token_id
-    # FlashAttention-2 takes one flat row (varlen: no work across samples); SDPA and eager get rows of
-    # model_max_length, because their block-diagonal mask is dense and one long row costs T^2.
-    flat = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+    # FlashAttention-2 (varlen) and our per-sample SDPA take one flat row: no work across samples, and no
+    # padding at all. Eager gets rows of model_max_length: its block-diagonal mask is dense, so one long row
+    # would cost T^2.
+    flat = per_sample or getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
     collator = (PackedCollator(max_tokens=dargs.model_max_length * targs.per_device_train_batch_size,
                                row_tokens=None if flat else dargs.model_max_length, pad_token_id=pad_id)
                 if dargs.packing else PaddedCollator(pad_token_id=pad_id))
@@ -110,7 +113,7 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
                "seconds": time.time() - start, "dtype": str(dtype).removeprefix("torch."),
                "final_loss": losses[-1][1] if losses else result.training_loss,
                "train_loss": result.training_loss, "losses": losses, "output_dir": str(out),
-               "loss_curve": str(out / "loss_curve.png"), "param_table": param_table(model),
+               "loss_curve": str(out / "loss_curve.png"), "param_table": param_table(model), "recipe": recipe,
                "args": {**asdict(margs), **asdict(dargs)}}
     if trainer.is_world_process_zero():
         plot_loss_curves({stage_name: losses}, title=f"{stage_name} loss").savefig(out / "loss_curve.png", dpi=100)

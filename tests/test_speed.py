@@ -71,7 +71,8 @@ def test_cli_refuses_cuda_without_a_gpu():
 def test_per_sample_attention_in_packed_rows_is_exactly_sdpa_with_the_block_mask():
     """sdpa_packed splits each packed row at its samples and attends within each: loss, logits and every
     gradient must be SDPA's with transformers' dense block-diagonal mask, one flat row and rows of 1024 alike;
-    a padded batch (no split) falls through to SDPA. The blocks are read off the mask itself."""
+    a padded batch (no split) falls through to SDPA. The blocks of rows are read off the mask itself; one
+    flat row's come from the collator's `cu_seq_lens_q`."""
     from course_lib.data.collators import PackedCollator, PaddedCollator, ReferenceCollator
     from course_lib.model.packed_attention import NAME, diagonal_blocks
 

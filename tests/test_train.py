@@ -661,3 +661,45 @@ def test_tiny_recipe_keeps_its_global_batch_over_any_number_of_ranks(tmp_path):
     with pytest.raises(ValueError, match="ranks 3"):
         tiny_flags("pretrain", data=tmp_path, model="m", output_dir="o", ranks=3)
     assert main(["pretrain", "--model", "m", "--output_dir", "o", "--data", str(tmp_path), "--ranks", "3"]) == 2
+
+
+def test_a_run_is_reused_only_for_its_own_recipe_world_and_starting_model(stage1, empty_llava, small_data, tmp_path):
+    """Notebooks reuse runs/tiny/X only if it holds a finished run of the same flags (the data paths carry the
+    tiny world's key) from the same starting folder; anything else is retrained and the old run set aside."""
+    import shutil
+
+    from course_lib.training.runs import BUILT_FROM, built_from, set_aside, stale_reason
+
+    folder, _, _ = empty_llava
+    out, summary = stage1
+    flags = ["--stage", "pretrain", "--model_name_or_path", str(folder), "--output_dir", str(out),
+             *small_data["pretrain"], *FAST]
+    assert summary["recipe"]["flags"]["--model_name_or_path"] == str(folder)
+    assert stale_reason(out, flags) is None
+    assert stale_reason(out, [*flags, "--deepspeed", "configs/zero3.json"]) is None  # ZeRO's config: same math
+    lr = flags.index("--learning_rate") + 1
+    assert stale_reason(out, [*flags[:lr], "1e-3", *flags[lr + 1:]]) == (
+        "trained with other flags: --learning_rate 1e-2 then, 1e-3 now")
+    assert stale_reason(out, [*flags, "--lora_r", "4"]) == "trained with other flags: --lora_r (unset) then, 4 now"
+    other_world = [f.replace(str(Path(small_data["pretrain"][1]).parent), "/elsewhere") for f in flags]
+    assert stale_reason(out, other_world).startswith("trained with other flags: --data_path")
+    weights = sorted(folder.glob("*.safetensors"))[0]
+    stat = weights.stat()
+    try:  # the starting model written again (retrained, rebuilt): same flags, but a stale run
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+        assert stale_reason(out, flags) == f"its starting model {folder} has been rebuilt or retrained since"
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert stale_reason(out, flags) is None
+
+    old = tmp_path / "old_run"
+    shutil.copytree(out, old)
+    record = json.loads((old / "training_summary.json").read_text())
+    del record["recipe"]
+    (old / "training_summary.json").write_text(json.dumps(record))
+    assert stale_reason(old, flags).startswith("trained by an older version of the course")
+    assert set_aside(old) == tmp_path / "old_run.stale" and not old.exists()
+    assert (tmp_path / "old_run.stale" / "training_summary.json").is_file()  # kept, not deleted
+    assert stale_reason(tmp_path / "never", flags) == "not trained yet"
+    # An empty LLaVA records its backbones; the fixture's was built from the tiny world's folders.
+    assert json.loads((folder / BUILT_FROM).read_text()) == built_from("tiny", "tiny")

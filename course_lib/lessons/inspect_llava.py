@@ -53,7 +53,7 @@ COURSE = [
     ("05_finetune", "stage 2: instruction tuning with train type use_lora / freeze_vision / none; merging "
      "LoRA", "train, training.trainable, model.lora, training.checkpoints, merge, lessons.scoreboard"),
     ("06_compare_train_types", "the train types side by side: accuracy per question type, cost",
-     "eval, training.recipes, lessons.scoreboard, lessons.plots"),
+     "eval, training.recipes, training.runs, lessons.scoreboard, lessons.plots"),
     ("07_chat_demo", "chat with a trained LLaVA about images, in code and in a widget; serve it with vLLM and ask "
      "through the OpenAI client", "serving.loading, serving.generation, chat, serving.widgets, serve"),
     ("08_speed", "padding vs packing measured, attention backends, ZeRO-2 memory, the data loader, cost growth",

@@ -54,25 +54,34 @@ def sdpa_packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     """transformers' attention-function signature; query/key/value are [B, heads, T, D]."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    packed = (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
-              and attention_mask.shape[1] == 1 and query.shape[2] == key.shape[2] > 1)
+    # One flat row from the collator carries its samples' bounds (FlashAttention's `cu_seq_lens_q`): every
+    # block is then plainly causal, and the [T, T] mask need not be read.
+    bounds = kwargs.get("cu_seq_lens_q")
+    flat_row = (bounds is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2] == int(bounds[-1]))
+    packed = flat_row or (attention_mask is not None and attention_mask.dtype == torch.bool
+                          and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+                          and query.shape[2] == key.shape[2] > 1)
     if not packed:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     batch, heads, length, dim = query.shape
-    row_masks = [attention_mask[min(b, attention_mask.shape[0] - 1), 0] for b in range(batch)]  # [T, T] each
-    blocks = [(b, start, end) for b in range(batch) for start, end in diagonal_blocks(row_masks[b])]
+    if flat_row:
+        cuts = bounds.tolist()
+        blocks = [(0, start, end) for start, end in zip(cuts[:-1], cuts[1:])]
+    else:
+        row_masks = [attention_mask[min(b, attention_mask.shape[0] - 1), 0] for b in range(batch)]  # [T, T] each
+        blocks = [(b, start, end) for b in range(batch) for start, end in diagonal_blocks(row_masks[b])]
     # One split of the flat [B*T, heads, D] tokens into every row's blocks, and one cat back: slicing each
     # block out separately costs a full-size gradient per slice in the backward pass, as much as it saves.
     sizes = [end - start for _, start, end in blocks]
     flat = [x.transpose(1, 2).reshape(batch * length, heads, x.shape[-1]).split(sizes) for x in (query, key, value)]
-    causal = torch.ones(max(sizes), max(sizes), dtype=torch.bool, device=query.device).tril()
+    causal = None if flat_row else torch.ones(max(sizes), max(sizes), dtype=torch.bool, device=query.device).tril()
     outs = []
     for (b, start, end), q, k, v in zip(blocks, *flat, strict=True):
-        block = row_masks[b][start:end, start:end]
-        plain = torch.equal(block, causal[: end - start, : end - start])  # SDPA's fast causal kernel
+        block = None if flat_row else row_masks[b][start:end, start:end]
+        plain = flat_row or torch.equal(block, causal[: end - start, : end - start])  # SDPA's fast causal kernel
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                              attn_mask=None if plain else block, dropout_p=dropout, scale=scaling,
                                              is_causal=plain)

@@ -7,8 +7,9 @@ the notebooks and the tests:
   lr 1e-3; stage 2 lr 2e-5 in full, 2e-4 with LoRA. They are `course_lib.train`'s defaults, so a real
   run needs no learning-rate flag.
 * The tiny world's: a global batch of 32 (16 per rank on run_zero2.sh's 2 CPU ranks), one epoch, the projector at
-  1e-3 in stage 2, and per-train-type learning rates tuned on the tiny world's held-out set (higher than
-  LLaVA's: the models are small and trained from scratch, and one epoch is 188 steps).
+  1e-3 in stage 2, stage 2's samples packed without padding, and per-train-type learning rates tuned on the
+  tiny world's held-out set (higher than LLaVA's: the models are small and trained from scratch, and one epoch
+  is 188 steps).
 
     python -m course_lib.training.recipes finetune freeze_vision --model runs/tiny/pretrain --output_dir OUT --ranks 2
     -> the stage's flags, one per line (run_zero2.sh reads them with `mapfile`)
@@ -58,7 +59,11 @@ def tiny_flags(stage: str, train_type: str | None = None, *, data: str | Path, m
             "--image_folder", str(data / "instruct" / "images"),
             "--output_dir", str(output_dir), "--per_device_train_batch_size", batch,
             "--learning_rate", TINY_LR[train_type], "--projector_lr", TINY_PROJECTOR_LR,
-            "--num_train_epochs", str(epochs), "--logging_steps", "5"]
+            "--num_train_epochs", str(epochs), "--logging_steps", "5",
+            # One flat row per batch with attention per sample (course_lib.model.packed_attention): the same loss
+            # and gradients as padding (tests/test_speed.py), and 1.36x faster on 2 CPU cores, where a random
+            # batch of 32 is 39% padding (benchmarks/RESULTS.md, issue 19, session 14).
+            "--packing", "true"]
 
 
 def main(argv: list[str] | None = None) -> int:
