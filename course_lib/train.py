@@ -32,11 +32,12 @@ from course_lib.training.checkpoints import (
     latest_complete_checkpoint,
     save_outputs,
 )
-from course_lib.training.runs import recipe_of
+from course_lib.training.runs import RECIPE, recipe_of
 from course_lib.training.safe_loading import weights_only_loading
 from course_lib.training.trainable import prepare_model
 from course_lib.training.trainer import load_model, load_processor, make_trainer
 from course_lib.util.cli import command
+from course_lib.util.files import atomic_write_json
 
 # Printed once per step per rank by DeepSpeed's ZeRO-2 gradient all-gather on recent torch: noise.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
@@ -100,6 +101,9 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
         log(f"resuming from {resume}" if resume else "no complete checkpoint to resume from: starting fresh")
     trainer = make_trainer(model, targs, dataset, collator, margs.projector_lr, callbacks,
                            group_by_modality=dargs.group_by_modality_length)
+    if trainer.is_world_process_zero():  # what this run is, before its first checkpoint: so it can be resumed
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RECIPE, recipe, indent=1)
     start = time.time()
     if os.environ.get("COURSE_LAUNCHED_AT"):  # set by run_zero2.sh: what a launch costs before its first step
         log(f"training starts {start - float(os.environ['COURSE_LAUNCHED_AT']):.1f} s after launch")

@@ -668,13 +668,23 @@ def test_a_run_is_reused_only_for_its_own_recipe_world_and_starting_model(stage1
     tiny world's key) from the same starting folder; anything else is retrained and the old run set aside."""
     import shutil
 
-    from course_lib.training.runs import BUILT_FROM, built_from, set_aside, stale_reason
+    from course_lib.training.runs import (
+        BUILT_FROM,
+        NOT_FINISHED,
+        RECIPE,
+        built_from,
+        recipe_of,
+        resumable,
+        set_aside,
+        stale_reason,
+    )
 
     folder, _, _ = empty_llava
     out, summary = stage1
     flags = ["--stage", "pretrain", "--model_name_or_path", str(folder), "--output_dir", str(out),
              *small_data["pretrain"], *FAST]
     assert summary["recipe"]["flags"]["--model_name_or_path"] == str(folder)
+    assert json.loads((out / RECIPE).read_text()) == summary["recipe"]  # written when the run started
     assert stale_reason(out, flags) is None
     assert stale_reason(out, [*flags, "--deepspeed", "configs/zero3.json"]) is None  # ZeRO's config: same math
     lr = flags.index("--learning_rate") + 1
@@ -701,5 +711,13 @@ def test_a_run_is_reused_only_for_its_own_recipe_world_and_starting_model(stage1
     assert set_aside(old) == tmp_path / "old_run.stale" and not old.exists()
     assert (tmp_path / "old_run.stale" / "training_summary.json").is_file()  # kept, not deleted
     assert stale_reason(tmp_path / "never", flags) == "not trained yet"
+    # Interrupted after a complete checkpoint: resumed if it is this recipe's, else set aside.
+    cut = tmp_path / "cut"
+    (cut / "checkpoint-2").mkdir(parents=True)
+    (cut / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (cut / RECIPE).write_text(json.dumps(recipe_of(flags)))
+    assert stale_reason(cut, flags) == NOT_FINISHED and resumable(cut, flags) == str(cut / "checkpoint-2")
+    assert resumable(cut, [*flags, "--save_steps", "500"]) == str(cut / "checkpoint-2")  # saving is not the recipe
+    assert resumable(cut, [*flags, "--lora_r", "4"]) is None
     # An empty LLaVA records its backbones; the fixture's was built from the tiny world's folders.
     assert json.loads((folder / BUILT_FROM).read_text()) == built_from("tiny", "tiny")

@@ -10,8 +10,10 @@ its backbones in `built_from.json`:
 * a fingerprint of the starting folder: its path, its `config.json` and the size and time of its weight files, so a
   stage-1 model trained again since makes every stage-2 run on it stale.
 
+An interrupted run (a `recipe.json` of the same recipe, a complete checkpoint, no summary yet) is resumed.
+
     from course_lib.training.runs import train_once
-    train_once(*tiny_flags("finetune", "use_lora", ...))   # trains, or says why the folder on disk is reused
+    train_once(*tiny_flags("finetune", "use_lora", ...))   # trains, resumes, or says why the folder is reused
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import json
 import shutil
 from pathlib import Path
 
-from course_lib.training.checkpoints import SUMMARY
+from course_lib.training.checkpoints import SUMMARY, latest_complete_checkpoint
 
 BUILT_FROM = "built_from.json"
+RECIPE = "recipe.json"  # written when a run starts; the summary, written last, repeats it
+NOT_FINISHED = "no finished run there"
 # Flags that do not change what is learnt: where the run goes, ZeRO's config (the same math), resuming.
 NOT_RECIPE = {"--output_dir", "--deepspeed", "--resume_from_checkpoint", "--check_only", "--logging_steps",
-              "--report_to"}
+              "--report_to", "--save_strategy", "--save_steps", "--save_total_limit"}
 
 
 def fingerprint(model: str | Path) -> str:
@@ -73,7 +77,7 @@ def stale_reason(output_dir: str | Path, flags: list[str] | tuple[str, ...]) -> 
     """None if `output_dir` holds a finished run of exactly this recipe; else why it cannot be reused."""
     summary = Path(output_dir) / SUMMARY
     if not summary.is_file():
-        return "not trained yet" if not Path(output_dir).exists() else "no finished run there"
+        return "not trained yet" if not Path(output_dir).exists() else NOT_FINISHED
     recorded = json.loads(summary.read_text()).get("recipe")
     if recorded is None:
         return "trained by an older version of the course, which did not record its recipe"
@@ -86,6 +90,16 @@ def stale_reason(output_dir: str | Path, flags: list[str] | tuple[str, ...]) -> 
     if recorded["base"] != wanted["base"]:
         return f"its starting model {new.get('--model_name_or_path')} has been rebuilt or retrained since"
     return None
+
+
+def resumable(output_dir: str | Path, flags: list[str] | tuple[str, ...]) -> str | None:
+    """The checkpoint to resume from, if `output_dir` holds an interrupted run of exactly this recipe."""
+    folder = Path(output_dir)
+    if (folder / SUMMARY).is_file() or not (folder / RECIPE).is_file():
+        return None
+    if json.loads((folder / RECIPE).read_text()) != recipe_of(flags):
+        return None
+    return latest_complete_checkpoint(folder)
 
 
 def set_aside(folder: Path) -> Path | None:
@@ -107,11 +121,17 @@ def _say(folder: Path, reason: str | None, aside: Path | None, same: str, verb: 
 
 
 def train_once(*flags: str, ranks: int | None = None) -> Path:
-    """`run_zero2(*flags)` unless `--output_dir` already holds this recipe's finished run; returns the folder."""
+    """`run_zero2(*flags)` unless `--output_dir` already holds this recipe's finished run; an interrupted run of
+    it with a complete checkpoint is resumed. Returns the folder."""
     from course_lib.training.launch import run_zero2
 
     folder = Path(flags[list(flags).index("--output_dir") + 1])
     reason = stale_reason(folder, flags)
+    checkpoint = resumable(folder, flags) if reason == NOT_FINISHED else None
+    if checkpoint:
+        print(f"resuming {folder} from {Path(checkpoint).name}: it was interrupted there", flush=True)
+        run_zero2(*flags, "--resume_from_checkpoint", "auto", ranks=ranks)
+        return folder
     aside = set_aside(folder) if reason is not None else None
     _say(folder, reason, aside, "trained with these flags from the same starting model", "training")
     if reason is not None:
