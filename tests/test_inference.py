@@ -172,7 +172,12 @@ def test_relative_base_path_is_read_next_to_the_adapter_and_never_guessed(traine
 def test_find_models_lists_trained_outputs_only(trained, tiny_world):
     (trained["root"] / "logs").mkdir(exist_ok=True)
     (trained["root"] / "logs" / "config.json").write_text(json.dumps({"architectures": ["Other"]}))
-    found = find_models(trained["root"], trained["root"] / "absent")
+    stale = trained["root"] / "full_old.stale"  # a run course_lib.training.runs set aside: not offered
+    shutil.copytree(trained["full"], stale)
+    try:
+        found = find_models(trained["root"], trained["root"] / "absent")
+    finally:
+        shutil.rmtree(stale)
     assert found == sorted([trained["full"], trained["lora"], trained["merged"]])
 
 

@@ -264,8 +264,9 @@ def find_models(*roots: str | Path) -> list[Path]:
         if not root.is_dir():
             continue
         for marker in (*root.rglob("config.json"), *root.rglob(ADAPTER_CONFIG)):
-            if any(part.startswith(("checkpoint-", ".")) for part in marker.parent.relative_to(root).parts):
-                continue  # Trainer's checkpoints and half-written staging folders, not final outputs
+            if any(part.startswith(("checkpoint-", ".")) or part.endswith(".stale")
+                   for part in marker.parent.relative_to(root).parts):
+                continue  # Trainer's checkpoints, half-written staging folders and runs set aside as stale
             with contextlib.suppress(LoadError, ValueError, OSError):
                 checkpoint_kind(marker.parent)
                 found.add(marker.parent)

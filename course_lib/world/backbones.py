@@ -4,7 +4,7 @@ They stand in for `openai/clip-vit-large-patch14-336` and `Qwen/Qwen2.5-*-Instru
 classes, same file formats, same special tokens and chat template. Everything downstream loads them
 with `from_pretrained`, so the real loading code is what runs.
 
-`ensure_tiny_world()` builds on first use (about 9 minutes on 2 CPU cores) and then reuses the cache,
+`ensure_tiny_world()` builds on first use (7-10 minutes on 2 CPU cores) and then reuses the cache,
 keyed by a hash of the config. A file lock keeps parallel processes (pytest, notebooks) from building
 twice; every part is written to a temporary folder and renamed into place, so a killed build never
 leaves a half-written model behind.
@@ -147,7 +147,7 @@ def ensure_tiny_world(cfg: TinyWorldConfig | None = None, root: Path | None = No
             return world
         world.root.mkdir(parents=True, exist_ok=True)
         # Said first, so whichever notebook or command happens to come first does not just seem to hang.
-        took = ("about 9 minutes on 2 idle CPU cores (14 in another measured run)" if cfg == TinyWorldConfig()
+        took = ("7-10 minutes on 2 idle CPU cores (14 in another measured run)" if cfg == TinyWorldConfig()
                 else "a config of your own")
         print(f"building the tiny world once, into {world.root}: {took}; every later call returns at once", flush=True)
         _build_part(world.data, lambda d: write_world(d, cfg.world))
