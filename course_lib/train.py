@@ -36,6 +36,7 @@ from course_lib.training.runs import RECIPE, recipe_of
 from course_lib.training.safe_loading import weights_only_loading
 from course_lib.training.trainable import prepare_model
 from course_lib.training.trainer import load_model, load_processor, make_trainer
+from course_lib.training.zero import peak_memory_gib
 from course_lib.util.cli import command
 from course_lib.util.files import atomic_write_json
 
@@ -109,7 +110,11 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
         log(f"training starts {start - float(os.environ['COURSE_LAUNCHED_AT']):.1f} s after launch")
     with weights_only_loading():  # DeepSpeed's resume would unpickle in full: code could run
         result = trainer.train(resume_from_checkpoint=resume)
+    peak = peak_memory_gib()  # loading and training, before a ZeRO-3 save gathers the weights on rank 0
     save_outputs(trainer, processor, margs, dargs, out)
+    # Every rank says its own: ZeRO's stages differ in what each rank holds.
+    print(f"[course_lib.train] rank {trainer.args.process_index}: peak memory "
+          + ", ".join(f"{k} {v:.2f} GiB" for k, v in peak.items()), flush=True)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     summary = {"stage": margs.stage, "train_type": margs.train_type if margs.stage == "finetune" else None,
                "steps": trainer.state.global_step, "epochs": trainer.state.epoch or 0.0, "samples": len(dataset),
@@ -118,6 +123,7 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
                "final_loss": losses[-1][1] if losses else result.training_loss,
                "train_loss": result.training_loss, "losses": losses, "output_dir": str(out),
                "loss_curve": str(out / "loss_curve.png"), "param_table": param_table(model), "recipe": recipe,
+               "peak_memory_gib": peak,
                "args": {**asdict(margs), **asdict(dargs)}}
     if trainer.is_world_process_zero():
         plot_loss_curves({stage_name: losses}, title=f"{stage_name} loss").savefig(out / "loss_curve.png", dpi=100)

@@ -721,3 +721,13 @@ def test_a_run_is_reused_only_for_its_own_recipe_world_and_starting_model(stage1
     assert resumable(cut, [*flags, "--lora_r", "4"]) is None
     # An empty LLaVA records its backbones; the fixture's was built from the tiny world's folders.
     assert json.loads((folder / BUILT_FROM).read_text()) == built_from("tiny", "tiny")
+
+
+def test_the_summary_records_the_peak_memory_of_the_run(stage1):
+    """In GiB, read from the OS's high-water mark when training ended: never more than this process's peak now,
+    and at least what torch and a model take (units wrong by 2**10 would fail one side or the other)."""
+    import resource
+
+    _, summary = stage1
+    peak = summary["peak_memory_gib"]["resident"]
+    assert 0.2 < peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20

@@ -59,3 +59,16 @@ def whole_parameters(params: Iterable[torch.nn.Parameter], modify: bool = False)
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
         yield
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """This process's peak memory so far, in GiB: resident (the OS's high-water mark, loading included) and,
+    on a GPU, the most CUDA memory torch allocated. What ZeRO's stages change, per rank, measured."""
+    import resource
+    import sys
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"resident": kib / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)}
+    if torch.cuda.is_available():
+        peak["cuda"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return peak

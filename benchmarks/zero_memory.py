@@ -1,0 +1,90 @@
+"""ZeRO-2 against ZeRO-3, measured: the peak memory of each rank for the same stage-2 step at real widths.
+
+    python -m benchmarks.zero_memory            # CLIP-L/336 + Qwen2.5-0.5B widths, 2 CPU ranks: about 5 min
+    python -m benchmarks.zero_memory --configs zero2 zero3 zero3_offload
+
+The model is the full-size real-shaped LLaVA (`clip-l-336-random` + `qwen2.5-0.5b-random`: the real configs,
+tokenizer and 576 image tokens, random weights; about 0.9B parameters), built once in fp32. Each config trains
+the same `freeze_vision` stage 2 for `--steps` steps of one sample per rank through `run_zero2.sh`, and every
+rank prints its peak resident memory (`course_lib.training.zero.peak_memory_gib`, the OS's high-water mark,
+loading included). On a GPU the same line also gives the peak CUDA memory. The table sets the measured peaks
+beside what partitioning the fp32 weights alone should save: ZeRO-3 keeps 1/N of every weight on each rank,
+frozen ones included, so each rank should hold about (1 - 1/N) x 4 bytes x parameters less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK = re.compile(r"rank (\d+): peak memory resident ([0-9.]+) GiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.zero_memory", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "zero_memory"))
+    parser.add_argument("--configs", nargs="+", default=["zero2", "zero3"],
+                        choices=["zero2", "zero3", "zero3_offload"])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from course_lib.build import build_llava
+    from course_lib.world import ensure_tiny_world
+    from course_lib.world.real_shaped import FULL_LLM_NAME, FULL_VISION_NAME
+
+    model = out / "llava_0.5b_random"
+    if not (model / "config.json").is_file():
+        build_llava(FULL_VISION_NAME, FULL_LLM_NAME, model, dtype="float32")
+    params = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 4 \
+        if (model / "model.safetensors.index.json").is_file() else None
+    world = ensure_tiny_world()
+    records = json.loads((world.data / "instruct" / "instruct.json").read_text())
+    data = out / "data.json"
+    data.write_text(json.dumps([r for r in records if "image" in r][: 8 * args.ranks * args.steps]))
+
+    env = {**os.environ, "NUM_PROCS": str(args.ranks),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    rows = []
+    for config in args.configs:
+        log = out / f"{config}.log"
+        cmd = ["bash", str(REPO / "run_zero2.sh"), "--stage", "finetune", "--train_type", "freeze_vision",
+               "--model_name_or_path", str(model), "--data_path", str(data),
+               "--image_folder", str(world.data / "instruct" / "images"), "--output_dir", str(out / config),
+               "--deepspeed", str(REPO / "configs" / f"{config}.json"), "--per_device_train_batch_size", "1",
+               "--max_steps", str(args.steps), "--logging_steps", "1", "--report_to", "none",
+               "--learning_rate", "1e-5"]
+        print("$", " ".join(cmd[1:]), flush=True)
+        with open(log, "w") as f:
+            run = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        peaks = {int(r): float(g) for r, g in PEAK.findall(log.read_text())}
+        if run.returncode or len(peaks) != args.ranks:
+            print(f"error: {config} failed (exit {run.returncode}); see {log}", file=sys.stderr)
+            return 1
+        rows.append((config, peaks))
+    lines = [f"{params / 1e9:.2f}B parameters (fp32), {args.ranks} ranks, freeze_vision, batch 1 per rank, "
+             f"{args.steps} steps" if params else f"{args.ranks} ranks",
+             "", "| config | " + " | ".join(f"rank {r} peak GiB" for r in range(args.ranks)) + " |",
+             "|---|" + "---|" * args.ranks]
+    lines += [f"| {c} | " + " | ".join(f"{p[r]:.2f}" for r in range(args.ranks)) + " |" for c, p in rows]
+    if params and len(rows) >= 2 and rows[0][0] == "zero2":
+        base = max(rows[0][1].values())
+        for config, peaks in rows[1:]:
+            lines.append(f"\n{config} against zero2: {base - max(peaks.values()):.2f} GiB less at the highest rank; "
+                         f"partitioning the fp32 weights alone: {(1 - 1 / args.ranks) * 4 * params / 2 ** 30:.2f} GiB")
+    text = "\n".join(lines)
+    (out / "summary.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
