@@ -731,3 +731,4 @@ def test_the_summary_records_the_peak_memory_of_the_run(stage1):
     _, summary = stage1
     peak = summary["peak_memory_gib"]["resident"]
     assert 0.2 < peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    assert 0.1 < summary["peak_memory_gib"]["private"] <= peak  # Linux's RssAnon when training ended

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -62,13 +63,20 @@ def whole_parameters(params: Iterable[torch.nn.Parameter], modify: bool = False)
 
 
 def peak_memory_gib() -> dict[str, float]:
-    """This process's peak memory so far, in GiB: resident (the OS's high-water mark, loading included) and,
-    on a GPU, the most CUDA memory torch allocated. What ZeRO's stages change, per rank, measured."""
+    """This process's memory, in GiB: `resident`, the OS's high-water mark (loading included; pages of a
+    memory-mapped checkpoint count too), `private`, its anonymous memory now (Linux: what this rank holds
+    alone, e.g. its weights, gradients and optimizer states after training) and, on a GPU, `cuda`, the most
+    CUDA memory torch allocated. What ZeRO's stages change, per rank, measured."""
     import resource
     import sys
 
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peak = {"resident": kib / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)}
+    status = Path("/proc/self/status")
+    if status.is_file():
+        anon = [line.split()[1] for line in status.read_text().splitlines() if line.startswith("RssAnon:")]
+        if anon:
+            peak["private"] = int(anon[0]) / 2 ** 20  # kB
     if torch.cuda.is_available():
         peak["cuda"] = torch.cuda.max_memory_allocated() / 2 ** 30
     return peak
