@@ -28,6 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 PEAK = re.compile(r"rank (\d+): peak memory resident ([0-9.]+) GiB, private ([0-9.]+) GiB")
 
 
+def read_peaks(log: Path) -> dict[int, tuple[float, float]]:
+    """rank -> (peak resident, private) GiB, from the line every `course_lib.train` rank prints."""
+    return {int(rank): (float(peak), float(private)) for rank, peak, private in PEAK.findall(log.read_text())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.zero_memory", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "zero_memory"))
@@ -42,27 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    from safetensors.torch import save_file
+
     from course_lib.build import build_llava
+    from course_lib.model.layout import INDEX
     from course_lib.model.lora import PROJECTOR
     from course_lib.training.arguments import PROJECTOR_FILE
     from course_lib.world import ensure_tiny_world
     from course_lib.world.real_shaped import FULL_LLM_NAME, FULL_VISION_NAME
 
     model = out / "llava_0.5b_random"
-    if not (model / "config.json").is_file():
-        build_llava(FULL_VISION_NAME, FULL_LLM_NAME, model, dtype="float32")
-    if not (model / PROJECTOR_FILE).is_file():  # stage 2 starts from a stage-1 projector: the empty one stands in
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
-        projector = {}
-        for shard in model.glob("*.safetensors"):
-            with safe_open(shard, "pt") as f:
-                projector.update({k.split(f"{PROJECTOR}.", 1)[1]: f.get_tensor(k) for k in f.keys()
-                                  if f"{PROJECTOR}." in k})
+    if not (model / PROJECTOR_FILE).is_file():  # written last: a complete folder
+        llava, _ = build_llava(FULL_VISION_NAME, FULL_LLM_NAME, model, dtype="float32")
+        # Stage 2 starts from a stage-1 projector (run_zero2.sh checks); the empty one stands in, saved as
+        # course_lib.training.checkpoints saves a trained one.
+        projector = {k: v.contiguous() for k, v in llava.model.multi_modal_projector.state_dict().items()}
         save_file(projector, str(model / PROJECTOR_FILE), metadata={"format": "pt", "module": PROJECTOR})
-    params = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 4 \
-        if (model / "model.safetensors.index.json").is_file() else None
+    params = json.loads((model / INDEX).read_text())["metadata"]["total_size"] // 4  # fp32: 4 bytes each
     world = ensure_tiny_world()
     records = json.loads((world.data / "instruct" / "instruct.json").read_text())
     data = out / "data.json"
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in args.configs:
         log = out / f"{config}.log"
         path = out / "zero3_tight.json" if config == "zero3_tight" else REPO / "configs" / f"{config}.json"
-        done = {int(r): (float(a), float(b)) for r, a, b in PEAK.findall(log.read_text())} if log.is_file() else {}
+        done = read_peaks(log) if log.is_file() else {}
         if len(done) == args.ranks and not args.fresh:
             print(f"{config}: reusing {log}", flush=True)
             rows.append((config, done))
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print("$", " ".join(cmd[1:]), flush=True)
         with open(log, "w") as f:
             run = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        peaks = {int(r): (float(peak), float(private)) for r, peak, private in PEAK.findall(log.read_text())}
+        peaks = read_peaks(log)
         if run.returncode or len(peaks) != args.ranks:
             # Recorded, not fatal: a rank the OS killed for memory (exit 247, SIGKILL) is itself the answer.
             print(f"{config} failed (exit {run.returncode}); see {log}", file=sys.stderr)
@@ -103,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append((config, peaks))
     lines = [f"{params / 1e9:.2f}B parameters (fp32), {args.ranks} ranks, freeze_vision, batch 1 per rank, "
-             f"{args.steps} steps" if params else f"{args.ranks} ranks",
+             f"{args.steps} steps",
              "", "| config | " + " | ".join(f"rank {r}: private after training, GiB | rank {r}: peak resident, GiB"
                                           for r in range(args.ranks)) + " |",
              "|---|" + "---|---|" * args.ranks]
     lines += [f"| {c} | " + (" | ".join(f"{p[r][1]:.2f} | {p[r][0]:.2f}" for r in range(args.ranks))
                              if isinstance(p, dict) else p + " |" * (2 * args.ranks - 1)) + " |" for c, p in rows]
-    if params and len(rows) >= 2 and rows[0][0] == "zero2" and isinstance(rows[0][1], dict):
+    if len(rows) >= 2 and rows[0][0] == "zero2" and isinstance(rows[0][1], dict):
         base = sum(p[1] for p in rows[0][1].values()) / args.ranks
         for config, peaks in rows[1:]:
             if not isinstance(peaks, dict):

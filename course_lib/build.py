@@ -11,7 +11,6 @@ pretrained weights, copied into transformers' current Llava layout (`model.model
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,14 @@ from course_lib.data.records import IMAGE_TOKEN
 from course_lib.model.chat_template import LLAVA_QWEN_TEMPLATE
 from course_lib.model.layout import save_llava
 from course_lib.util.cli import Parser, UserError, command, first_line
-from course_lib.util.files import check_writable
+from course_lib.util.files import atomic_write_json, check_writable, fingerprint
 from course_lib.util.quiet import quiet_transformers
 
 if TYPE_CHECKING:
     from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, LlavaProcessor, PretrainedConfig
 
 SUPPORTED_LLMS = ("qwen2",)
+BUILT_FROM = "built_from.json"  # the backbones an empty LLaVA was built from (`built_from`)
 
 
 class BuildError(UserError, ValueError):
@@ -56,6 +56,13 @@ def resolve_sources(vision: str, llm: str) -> Sources:
     from course_lib.world.real_shaped import resolve
 
     return Sources(resolve(vision), resolve(llm))
+
+
+def built_from(vision: str, llm: str, seed: int = 0, dtype: str = "auto") -> dict:
+    """What an empty LLaVA is keyed by (`course_lib.training.runs.build_once`): its backbones' fingerprints,
+    after `tiny` is resolved, its seed and its dtype."""
+    src = resolve_sources(vision, llm)
+    return {"vision": fingerprint(src.vision), "llm": fingerprint(src.llm), "seed": seed, "dtype": dtype}
 
 
 def _load_config(name: str, what: str, expected: str):
@@ -186,10 +193,8 @@ def build_llava(vision: str, llm: str, out: str | Path | None = None, *, seed: i
         out = Path(out)
         save_llava(model, out)  # safetensors, in the llava-hf layout that vLLM and every transformers read
         processor.save_pretrained(out)
-        from course_lib.training.runs import BUILT_FROM, built_from
-
         # What it was built from, so that a notebook can tell it from one built on another tiny world.
-        (out / BUILT_FROM).write_text(json.dumps(built_from(vision, llm, seed, dtype), indent=1))
+        atomic_write_json(out / BUILT_FROM, built_from(vision, llm, seed, dtype), indent=1)
     return model, processor
 
 

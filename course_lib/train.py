@@ -47,11 +47,11 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category
 def run(argv: list[str], callbacks: list | None = None) -> dict:
     """Train as the command line says; returns the summary dict (also written to the output folder)."""
     margs, dargs, targs = parse_args(argv)
-    recipe = recipe_of(argv)  # before training: the fingerprint of the folder it starts from, as it is now
     check_resume(targs.resume_from_checkpoint)
     if margs.check_only:  # run_zero2.sh, before launching ranks that would each print the same error
         check_records(dargs.data_path, dargs.image_folder)
         return {}
+    recipe = recipe_of(argv)  # before training: the fingerprint of the folder it starts from, as it is now
     from course_lib.data.collators import PackedCollator, PaddedCollator
     from course_lib.data.dataset import LlavaDataset
     from course_lib.model.parameters import format_table, param_table

@@ -668,16 +668,8 @@ def test_a_run_is_reused_only_for_its_own_recipe_world_and_starting_model(stage1
     tiny world's key) from the same starting folder; anything else is retrained and the old run set aside."""
     import shutil
 
-    from course_lib.training.runs import (
-        BUILT_FROM,
-        NOT_FINISHED,
-        RECIPE,
-        built_from,
-        recipe_of,
-        resumable,
-        set_aside,
-        stale_reason,
-    )
+    from course_lib.build import BUILT_FROM, built_from
+    from course_lib.training.runs import NOT_FINISHED, RECIPE, recipe_of, resumable, set_aside, stale_reason
 
     folder, _, _ = empty_llava
     out, summary = stage1

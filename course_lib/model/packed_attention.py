@@ -67,21 +67,21 @@ def sdpa_packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     batch, heads, length, dim = query.shape
-    if flat_row:
+    if flat_row:  # (start, end, mask) per sample; None: plainly causal
         cuts = bounds.tolist()
-        blocks = [(0, start, end) for start, end in zip(cuts[:-1], cuts[1:])]
+        blocks = [(start, end, None) for start, end in zip(cuts[:-1], cuts[1:])]
     else:
         row_masks = [attention_mask[min(b, attention_mask.shape[0] - 1), 0] for b in range(batch)]  # [T, T] each
-        blocks = [(b, start, end) for b in range(batch) for start, end in diagonal_blocks(row_masks[b])]
+        blocks = [(b * length + start, b * length + end, row_masks[b][start:end, start:end])
+                  for b in range(batch) for start, end in diagonal_blocks(row_masks[b])]
     # One split of the flat [B*T, heads, D] tokens into every row's blocks, and one cat back: slicing each
     # block out separately costs a full-size gradient per slice in the backward pass, as much as it saves.
-    sizes = [end - start for _, start, end in blocks]
+    sizes = [end - start for start, end, _ in blocks]
     flat = [x.transpose(1, 2).reshape(batch * length, heads, x.shape[-1]).split(sizes) for x in (query, key, value)]
-    causal = None if flat_row else torch.ones(max(sizes), max(sizes), dtype=torch.bool, device=query.device).tril()
+    causal = torch.ones(max(sizes), max(sizes), dtype=torch.bool, device=query.device).tril()
     outs = []
-    for (b, start, end), q, k, v in zip(blocks, *flat, strict=True):
-        block = None if flat_row else row_masks[b][start:end, start:end]
-        plain = flat_row or torch.equal(block, causal[: end - start, : end - start])  # SDPA's fast causal kernel
+    for (start, end, block), q, k, v in zip(blocks, *flat, strict=True):
+        plain = block is None or torch.equal(block, causal[: end - start, : end - start])  # SDPA's fast causal kernel
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                              attn_mask=None if plain else block, dropout_p=dropout, scale=scaling,
                                              is_causal=plain)

@@ -4,7 +4,7 @@ starting model, on the same tiny world; otherwise it is trained again, and the o
 A notebook that finds `runs/tiny/finetune_use_lora` cannot tell by its name whether it came from this world, from
 an exercise's `--lora_r 4`, or from a stage-1 model that has since been retrained. So every training run records
 its recipe in `training_summary.json` (`course_lib.train` writes `recipe_of(argv)`), and an empty LLaVA records
-its backbones in `built_from.json`:
+its backbones in `built_from.json` (`course_lib.build.built_from`):
 
 * the flags, as a dict (the data paths carry the tiny world's key: another world, other paths);
 * a fingerprint of the starting folder: its path, its `config.json` and the size and time of its weight files, so a
@@ -18,34 +18,18 @@ An interrupted run (a `recipe.json` of the same recipe, a complete checkpoint, n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from course_lib.training.checkpoints import SUMMARY, latest_complete_checkpoint
+from course_lib.util.files import fingerprint
 
-BUILT_FROM = "built_from.json"
 RECIPE = "recipe.json"  # written when a run starts; the summary, written last, repeats it
 NOT_FINISHED = "no finished run there"
 # Flags that do not change what is learnt: where the run goes, ZeRO's config (the same math), resuming.
 NOT_RECIPE = {"--output_dir", "--deepspeed", "--resume_from_checkpoint", "--check_only", "--logging_steps",
               "--report_to", "--save_strategy", "--save_steps", "--save_total_limit"}
-
-
-def fingerprint(model: str | Path) -> str:
-    """A folder's identity: its resolved path, its config.json and the size and mtime of each weight file (a
-    retrained folder gets new ones); a hub id or the word `tiny` is itself."""
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        return str(model)
-    digest = hashlib.sha256(str(folder.resolve()).encode())
-    config = folder / "config.json"
-    digest.update(config.read_bytes() if config.is_file() else b"")
-    for path in sorted(folder.glob("*.safetensors")):
-        stat = path.stat()
-        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
 
 
 def flag_values(flags: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -139,17 +123,9 @@ def train_once(*flags: str, ranks: int | None = None) -> Path:
     return folder
 
 
-def built_from(vision: str, llm: str, seed: int = 0, dtype: str = "auto") -> dict:
-    """What an empty LLaVA is keyed by: its backbones' fingerprints (after `tiny` is resolved), seed and dtype."""
-    from course_lib.build import resolve_sources
-
-    src = resolve_sources(vision, llm)
-    return {"vision": fingerprint(src.vision), "llm": fingerprint(src.llm), "seed": seed, "dtype": dtype}
-
-
 def build_once(out: str | Path, vision: str = "tiny", llm: str = "tiny") -> Path:
     """`course_lib.build` into `out` unless it already holds an empty LLaVA of these backbones; returns `out`."""
-    from course_lib.build import build_llava
+    from course_lib.build import BUILT_FROM, build_llava, built_from
 
     out = Path(out)
     record = out / BUILT_FROM

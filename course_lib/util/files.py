@@ -1,7 +1,9 @@
-"""Writing files so that a crash never leaves half of one: a temporary file beside it, then `os.replace`."""
+"""Writing files so that a crash never leaves half of one: a temporary file beside it, then `os.replace`; and
+the fingerprint of a model folder, which tells a retrained folder from the one a run started from."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -57,3 +59,18 @@ def exclusive_lock(path: str | Path, flag: str):
     check_writable(path.parent, flag, folder=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(path)
+
+
+def fingerprint(model: str | Path) -> str:
+    """A folder's identity: its resolved path, its config.json and the size and mtime of each weight file (a
+    retrained folder gets new ones); a hub id or the word `tiny` is itself."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return str(model)
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    config = folder / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    for path in sorted(folder.glob("*.safetensors")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
