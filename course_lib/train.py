@@ -73,6 +73,11 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
                            model_max_length=dargs.model_max_length, on_bad_sample=dargs.on_bad_sample,
                            pad_to_square=dargs.pad_to_square, image_tiling=dargs.image_tiling,
                            num_proc=dargs.preprocessing_num_workers)
+    validation = LlavaDataset(dargs.eval_data_path, processor, template=template,
+                              image_folder=dargs.eval_image_folder or dargs.image_folder,
+                              model_max_length=dargs.model_max_length, on_bad_sample=dargs.on_bad_sample,
+                              pad_to_square=dargs.pad_to_square,
+                              image_tiling=dargs.image_tiling) if dargs.eval_data_path else None
     data_seconds = time.time() - data_start
     model = load_model(margs, dtype)
     model.config.text_config.use_cache = False  # no KV cache in training (one also disables packed masks)
@@ -101,7 +106,7 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
         resume = latest_complete_checkpoint(out)
         log(f"resuming from {resume}" if resume else "no complete checkpoint to resume from: starting fresh")
     trainer = make_trainer(model, targs, dataset, collator, margs.projector_lr, callbacks,
-                           group_by_modality=dargs.group_by_modality_length)
+                           group_by_modality=dargs.group_by_modality_length, eval_dataset=validation)
     if trainer.is_world_process_zero():  # what this run is, before its first checkpoint: so it can be resumed
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / RECIPE, recipe, indent=1)
@@ -116,17 +121,20 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     print(f"[course_lib.train] rank {trainer.args.process_index}: peak memory "
           + ", ".join(f"{k} {v:.2f} GiB" for k, v in peak.items()), flush=True)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    eval_losses = [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
     summary = {"stage": margs.stage, "train_type": margs.train_type if margs.stage == "finetune" else None,
                "steps": trainer.state.global_step, "epochs": trainer.state.epoch or 0.0, "samples": len(dataset),
                "skipped": dict(dataset.stats), "tokens": int(trainer.state.num_input_tokens_seen or 0),
                "seconds": time.time() - start, "dtype": str(dtype).removeprefix("torch."),
                "final_loss": losses[-1][1] if losses else result.training_loss,
-               "train_loss": result.training_loss, "losses": losses, "output_dir": str(out),
+               "train_loss": result.training_loss, "losses": losses, "eval_losses": eval_losses,
+               "output_dir": str(out),
                "loss_curve": str(out / "loss_curve.png"), "param_table": param_table(model), "recipe": recipe,
                "peak_memory_gib": peak,
                "args": {**asdict(margs), **asdict(dargs)}}
     if trainer.is_world_process_zero():
-        plot_loss_curves({stage_name: losses}, title=f"{stage_name} loss").savefig(out / "loss_curve.png", dpi=100)
+        curves = {stage_name: losses, **({"validation": eval_losses} if eval_losses else {})}
+        plot_loss_curves(curves, title=f"{stage_name} loss").savefig(out / "loss_curve.png", dpi=100)
         (out / SUMMARY).write_text(json.dumps(summary, indent=1))  # written last: marks a finished run
         log("\n" + format_summary(summary))
     return summary

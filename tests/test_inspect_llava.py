@@ -125,7 +125,7 @@ def test_list_files_of_a_saved_llava(empty_llava):
 
 def test_course_map_covers_the_notebooks_and_the_readme():
     names = [name for name, _, _ in COURSE]
-    assert names == sorted(names) and [n[:2] for n in names] == [f"{i:02d}" for i in range(10)]
+    assert names == sorted(names) and [n[:2] for n in names] == [f"{i:02d}" for i in range(12)]
     assert {p.stem for p in NOTEBOOKS.glob("*.ipynb")} <= set(names)
     rows = course_map(NOTEBOOKS)
     assert all(r["status"] == ("here" if (NOTEBOOKS / f"{r['notebook']}.ipynb").exists() else "to come")

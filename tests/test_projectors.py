@@ -83,3 +83,71 @@ def test_each_projector_trains_on_the_tiny_world(name, tiny_world):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.67 * losses[0], json.dumps(losses)
+
+
+def test_cross_attention_starts_as_the_language_model_and_reads_the_image_once_its_gate_opens(tiny_world, eval_pngs):
+    """Flamingo's gates start at 0: the fused model is bit for bit the language model, whatever the image. With
+    the attention gate open the answer depends on the row's own image only; the feed-forward gate then moves
+    text-only rows too, which is how these blocks change a frozen language model."""
+    from PIL import Image
+    from transformers import AutoModelForCausalLM
+
+    from course_lib.build import build_llava
+    from course_lib.model.cross_attention import use_cross_attention
+
+    model, processor = build_llava(str(tiny_world.clip), str(tiny_world.llm))
+    fusion = use_cross_attention(model, processor, every=2)
+    model.eval()
+    assert len(fusion.blocks) == 2 and processor.image_seq_length == 1
+    tok = processor.tokenizer
+    tok.padding_side = "right"  # the one-image row keeps its positions
+    text = tok(["What is 3 plus 4?"], return_tensors="pt")
+    llm = AutoModelForCausalLM.from_pretrained(tiny_world.llm).eval()
+    images = [Image.open(p).convert("RGB") for p in eval_pngs[:2]]
+
+    def logits(image=None):
+        with torch.no_grad():
+            if image is None:
+                return model(**text).logits
+            return model(**with_image(processor.image_token + "\nWhat color is it?", [image])).logits
+
+    def with_image(texts, images):  # one <image> tag token each (the processor itself would expand it to 4)
+        return {**tok(texts, return_tensors="pt", padding=True),
+                "pixel_values": processor.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+
+    with torch.no_grad():
+        assert torch.equal(logits(), llm(**text).logits)
+    assert torch.equal(logits(images[0]), logits(images[1]))  # closed gate: the image cannot matter
+    fusion.blocks[0].attn_gate.data.fill_(1.0)
+    assert not torch.allclose(logits(images[0]), logits(images[1]))
+    assert torch.equal(logits(), llm(**text).logits)  # no image: the attention adds nothing
+    # Two rows, one without an image: each row reads only its own images.
+    batch = with_image([processor.image_token + "\nWhat color is it?", "What is 3 plus 4? It is"], [images[0]])
+    with torch.no_grad():
+        both = model(**batch).logits
+    assert torch.allclose(both[0, :8], logits(images[0])[0], atol=1e-5)
+    fusion.blocks[1].ff_gate.data.fill_(0.5)
+    assert not torch.allclose(logits(), llm(**text).logits)  # the feed-forward acts on text-only rows too
+
+
+def test_absent_object_questions_ask_about_what_the_scene_lacks(tmp_path):
+    import random
+
+    from course_lib.world.scenes import SHAPES, absent_questions, random_scene, write_question_set
+
+    rng = random.Random(0)
+    for _ in range(50):
+        scene = random_scene(rng)
+        names = {o.name for o in scene.objects} | {o.shape for o in scene.objects} | {
+            f"{o.color} object" for o in scene.objects}
+        for _, question, answer in absent_questions(scene, rng):
+            missing = answer.removeprefix("there is no ")
+            assert answer.startswith("there is no ") and missing not in names and missing in question
+        assert sum(q[0] == "color" for q in absent_questions(scene, rng)) == sum(
+            s not in {o.shape for o in scene.objects} for s in SHAPES)
+    path = write_question_set(tmp_path / "a", 20, seed=3, absent=True)
+    again = write_question_set(tmp_path / "b", 20, seed=3, absent=True)
+    records = json.loads(path.read_text())
+    assert records == json.loads(again.read_text()) and len(records) == 20
+    assert all(r["answer"].startswith("there is no") and (path.parent / "images" / r["image"]).is_file()
+               for r in records)

@@ -724,3 +724,32 @@ def test_the_summary_records_the_peak_memory_of_the_run(stage1):
     peak = summary["peak_memory_gib"]["resident"]
     assert 0.2 < peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     assert 0.1 < summary["peak_memory_gib"]["private"] <= peak  # Linux's RssAnon when training ended
+
+
+@pytest.mark.training
+def test_the_validation_loss_is_the_held_out_loss_of_the_saved_model(stage1, small_data, tiny_world, tmp_path):
+    """`--eval_data_path`: one validation loss per epoch by default, and the last one is exactly the loss of the
+    saved model on the held-out answers (computed here independently, one batch of all 12 samples)."""
+    from transformers import AutoProcessor
+
+    from course_lib.data.dataset import LlavaDataset
+    from course_lib.lessons.design import eval_loss
+
+    held_out = tmp_path / "eval.json"
+    held_out.write_text(json.dumps(json.loads((tiny_world.data / "eval" / "eval.json").read_text())[:12]))
+    train_file = tmp_path / "train.json"
+    train_file.write_text(json.dumps(json.loads(Path(small_data["instruct"][1]).read_text())[:8]))
+    base, _ = stage1
+    out = tmp_path / "v"
+    summary = train.run(["--stage", "finetune", "--train_type", "freeze_vision", "--model_name_or_path", str(base),
+                         "--output_dir", str(out), "--data_path", str(train_file), "--image_folder",
+                         small_data["instruct"][3], "--eval_data_path", str(held_out), "--eval_image_folder",
+                         str(tiny_world.data / "eval" / "images"), "--per_device_train_batch_size", "4",
+                         "--per_device_eval_batch_size", "16", "--num_train_epochs", "2", "--learning_rate", "1e-3",
+                         "--report_to", "none", "--logging_steps", "1", "--seed", "0"])
+    assert [step for step, _ in summary["eval_losses"]] == [2, 4]
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    expected = eval_loss(model, LlavaDataset(held_out, AutoProcessor.from_pretrained(out), template="chat",
+                                             image_folder=tiny_world.data / "eval" / "images"))
+    assert summary["eval_losses"][-1][1] == pytest.approx(expected, rel=1e-5)
+    assert summary["eval_losses"][0][1] != summary["eval_losses"][1][1]

@@ -29,6 +29,8 @@ from course_lib.training.trainable import optimizer_groups, prepare_model
 from course_lib.util.tables import render_table
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from matplotlib.figure import Figure
     from peft import PeftModel
     from PIL import Image
@@ -45,8 +47,12 @@ def _batches(dataset, batch_size: int, generator: torch.Generator):
 
 
 def answer_accuracy(model: LlavaForConditionalGeneration | PeftModel, dataset: LlavaDataset, types: dict[str, str],
-                    batch_size: int = 32) -> dict:
-    """Teacher-forced exact match, overall and per question type (`types`: sample id -> type)."""
+                    batch_size: int = 32, blank_images: bool = False) -> dict:
+    """Teacher-forced exact match, overall and per question type (`types`: sample id -> type).
+
+    `blank_images`: every image is replaced by a black one (zero pixel values after normalisation): what
+    the model answers from the question alone, the "blind" baseline that tells using the image from guessing.
+    """
     collator = PaddedCollator(dataset.processor.tokenizer.pad_token_id)
     hits: dict[str, list[bool]] = defaultdict(list)
     model.eval()
@@ -54,6 +60,8 @@ def answer_accuracy(model: LlavaForConditionalGeneration | PeftModel, dataset: L
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = collator(items)
+            if blank_images and batch.get("pixel_values") is not None:
+                batch["pixel_values"] = torch.zeros_like(batch["pixel_values"])
             logits = model(**batch).logits[:, :-1]
             labels = batch["labels"][:, 1:]
             correct = ((logits.argmax(-1) == labels) | (labels == IGNORE_INDEX)).all(1)
@@ -64,28 +72,35 @@ def answer_accuracy(model: LlavaForConditionalGeneration | PeftModel, dataset: L
     return {"accuracy": sum(every) / len(every), "by_type": by_type, "n": len(every)}
 
 
-def projector_run(world: TinyWorld, name: str = "mlp2x_gelu", steps: int = 150, batch_size: int = 16, lr: float = 5e-4,
-                  projector_lr: float = 1e-3, seed: int = 0, eval_limit: int | None = None,
-                  train_type: str = "freeze_vision", **kwargs) -> dict:
-    """Train one design (projector `name`, `train_type`) for `steps` and score it: a row for the table."""
-    model, processor = build_llava(str(world.clip), str(world.llm), seed=seed)
-    projector = use_projector(model, processor, name, seed=seed, **kwargs)
-    torch.manual_seed(seed)  # LoRA's random init
-    model = prepare_model(model, "finetune", train_type)
-    model.config.text_config.use_cache = False
-    train = LlavaDataset(world.data / "instruct" / "instruct.json", processor, template="chat")
-    evalset = LlavaDataset(world.data / "eval" / "eval.json", processor, template="chat")
-    if eval_limit:
-        for attr in ("samples", "lengths", "image_counts", "tile_counts"):
-            setattr(evalset, attr, getattr(evalset, attr)[:eval_limit])
-    types = {r["id"]: r["type"] for r in json.loads((world.data / "eval" / "eval.json").read_text())}
-    collator = PaddedCollator(processor.tokenizer.pad_token_id)
+def eval_loss(model: LlavaForConditionalGeneration | PeftModel, dataset: LlavaDataset, batch_size: int = 32) -> float:
+    """Mean loss per answer token on `dataset` (the validation loss), in eval mode, without gradients."""
+    collator = PaddedCollator(dataset.processor.tokenizer.pad_token_id)
+    was_training, total, tokens = model.training, 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total, tokens = total + model(**batch).loss.item() * n, tokens + n
+    model.train(was_training)
+    return total / tokens
+
+
+def train_steps(model: LlavaForConditionalGeneration | PeftModel, train, pad_token_id: int, steps: int,
+                batch_size: int = 16,
+                lr: float = 5e-4, projector_lr: float = 1e-3, seed: int = 0,
+                validate: Callable[[], float] | None = None, every: int = 0) -> dict:
+    """AdamW for `steps` batches of `train` (10-step warm-up); `validate()` every `every` steps and at the end.
+
+    Returns the losses, the median step time and the validation curve [(step, loss)].
+    """
+    collator = PaddedCollator(pad_token_id)
     optimizer = torch.optim.AdamW(optimizer_groups(model, lr, projector_lr, 0.0))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10))
     batches = _batches(train, batch_size, torch.Generator().manual_seed(seed))
     model.train()
-    losses, seconds = [], []
-    for _ in range(steps):
+    losses, seconds, curve = [], [], []
+    for step in range(1, steps + 1):
         batch = collator(next(batches))
         start = time.perf_counter()
         loss = model(**batch).loss
@@ -95,13 +110,83 @@ def projector_run(world: TinyWorld, name: str = "mlp2x_gelu", steps: int = 150, 
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
         losses.append(loss.item())
+        if validate and (step == steps or (every and step % every == 0)):
+            curve.append((step, validate()))
+    return {"losses": losses, "step_seconds": statistics.median(seconds), "validation": curve}
+
+
+def tiny_sets(world: TinyWorld, processor, eval_limit: int | None = None) -> tuple[LlavaDataset, LlavaDataset, dict]:
+    """The instruct set, the held-out set (its first `eval_limit` samples) and the held-out types."""
+    train = LlavaDataset(world.data / "instruct" / "instruct.json", processor, template="chat")
+    evalset = LlavaDataset(world.data / "eval" / "eval.json", processor, template="chat")
+    if eval_limit:
+        for attr in ("samples", "lengths", "image_counts", "tile_counts"):
+            setattr(evalset, attr, getattr(evalset, attr)[:eval_limit])
+    types = {r["id"]: r["type"] for r in json.loads((world.data / "eval" / "eval.json").read_text())}
+    return train, evalset, types
+
+
+def projector_run(world: TinyWorld, name: str = "mlp2x_gelu", steps: int = 150, batch_size: int = 16, lr: float = 5e-4,
+                  projector_lr: float = 1e-3, seed: int = 0, eval_limit: int | None = None,
+                  train_type: str = "freeze_vision", feature_layer: int = -2, **kwargs) -> dict:
+    """Train one design (projector `name`, `train_type`, CLIP layer `feature_layer`) for `steps`; a table row."""
+    model, processor = build_llava(str(world.clip), str(world.llm), seed=seed)
+    model.config.vision_feature_layer = feature_layer
+    projector = use_projector(model, processor, name, seed=seed, **kwargs)
+    torch.manual_seed(seed)  # LoRA's random init
+    model = prepare_model(model, "finetune", train_type)
+    model.config.text_config.use_cache = False
+    train, evalset, types = tiny_sets(world, processor, eval_limit)
+    run = train_steps(model, train, processor.tokenizer.pad_token_id, steps, batch_size, lr, projector_lr, seed)
     scores = answer_accuracy(model, evalset, types)
     trainable = next(row["trainable"] for row in param_table(model) if row["module"] == "total")
-    return {"projector": name, "train_type": train_type, "tokens_per_image": processor.image_seq_length,
+    losses = run["losses"]
+    return {"projector": name, "train_type": train_type, "feature_layer": feature_layer,
+            "tokens_per_image": processor.image_seq_length,
             "projector_params": sum(p.numel() for p in projector.parameters()),
-            "trainable_params": trainable, "step_seconds": statistics.median(seconds),
+            "trainable_params": trainable, "step_seconds": run["step_seconds"],
             "first_loss": statistics.mean(losses[:10]), "last_loss": statistics.mean(losses[-10:]),
             "losses": losses, **scores}
+
+
+def text_logits(model, dataset: LlavaDataset, ids: list[str]) -> torch.Tensor:
+    """Logits of the text-only samples `ids` (padded together), for comparing a model before and after."""
+    index = {sample.id: k for k, sample in enumerate(dataset.samples)}
+    batch = PaddedCollator(dataset.processor.tokenizer.pad_token_id)([dataset[index[i]] for i in ids])
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits * batch["attention_mask"][..., None]
+
+
+def fusion_run(world: TinyWorld, fusion: str = "splice", steps: int = 100, batch_size: int = 16,
+               projector_lr: float = 1e-3, seed: int = 0, **kwargs) -> dict:
+    """Splicing (LLaVA's MLP) or gated cross-attention (Flamingo), the language model frozen in both.
+
+    Only the new weights train (the projector, or the cross-attention blocks and the tag embedding: both sit
+    in the projector's place, so stage `pretrain` trains exactly them). The row also says how far the
+    text-only logits moved: the held-out text questions, before and after training.
+    """
+    from course_lib.model.cross_attention import use_cross_attention
+
+    model, processor = build_llava(str(world.clip), str(world.llm), seed=seed)
+    new = (use_cross_attention(model, processor, seed=seed, **kwargs) if fusion == "cross_attention"
+           else use_projector(model, processor, "mlp2x_gelu", seed=seed))
+    model = prepare_model(model, "pretrain")
+    model.config.text_config.use_cache = False
+    train, evalset, types = tiny_sets(world, processor)
+    text_ids = [i for i, t in types.items() if t == "text"]
+    before = text_logits(model, evalset, text_ids)
+    run = train_steps(model, train, processor.tokenizer.pad_token_id, steps, batch_size, projector_lr,
+                      projector_lr, seed)
+    change = (text_logits(model, evalset, text_ids) - before).abs().max().item()
+    scores = answer_accuracy(model, evalset, types)
+    losses = run["losses"]
+    return {"fusion": fusion, "tokens_per_image": processor.image_seq_length,
+            "projector_params": sum(p.numel() for p in new.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "step_seconds": run["step_seconds"], "first_loss": statistics.mean(losses[:10]),
+            "last_loss": statistics.mean(losses[-10:]), "losses": losses, "text_logit_change": change,
+            "text_questions": len(text_ids), **scores}
 
 
 def format_runs(runs: list[dict], label: str = "projector") -> str:
@@ -141,6 +226,97 @@ def clip_similarity(world: TinyWorld, n: int = 12) -> dict:
     return {"images": images, "captions": captions, "logits": logits, "loss": out.loss.item(),
             "image_to_text": (logits.argmax(1) == torch.arange(n)).float().mean().item(),
             "text_to_image": (logits.argmax(0) == torch.arange(n)).float().mean().item()}
+
+
+def clip_zero_shot(world: TinyWorld, n: int = 96, seed: int = 0) -> dict:
+    """CLIP's first use (Radford et al. 2021, §3.1): classify images it was never trained to classify.
+
+    The classes are the 12 objects (colour x shape); `n` fresh one-object scenes. Each class is a caption
+    naming it, as the world's captions do; one prompt says "on the left", the ensemble averages the two
+    sides' text embeddings (CLIP's prompt ensembling, §3.1.4); `with_side` picks among all 24 captions
+    (object x side). Returns the accuracies and the ensemble's predictions.
+    """
+    import random
+
+    from transformers import AutoProcessor, AutoTokenizer, CLIPModel
+
+    from course_lib.world.scenes import COLORS, SHAPES, Obj, Scene, caption, render
+
+    model = CLIPModel.from_pretrained(world.clip).eval()
+    tok, image_processor = AutoTokenizer.from_pretrained(world.clip), AutoProcessor.from_pretrained(world.clip)
+    classes = [(c, s) for c in COLORS for s in SHAPES]
+    rng = random.Random(seed)
+    truth = [rng.randrange(len(classes)) for _ in range(n)]
+    scenes = [Scene((Obj(classes[k][1], classes[k][0], rng.randrange(4)),)) for k in truth]
+    images = [render(s, 64, rng) for s in scenes]
+
+    def embed_texts(cell: int) -> torch.Tensor:
+        texts = [caption(Scene((Obj(s, c, cell),))) + "<|endoftext|>" for c, s in classes]
+        batch = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+        return torch.nn.functional.normalize(model.get_text_features(**batch).pooler_output, dim=-1)
+
+    with torch.no_grad():
+        pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        image_emb = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        left, right = embed_texts(0), embed_texts(1)
+        ensemble = torch.nn.functional.normalize(left + right, dim=-1)
+        one, both = (image_emb @ left.T).argmax(1), (image_emb @ ensemble.T).argmax(1)
+        with_side = (image_emb @ torch.cat([left, right]).T).argmax(1)  # 24 classes: object x side
+    truth_t = torch.tensor(truth)
+    sides = torch.tensor([s.objects[0].cell % 2 for s in scenes])
+    names = [f"{c} {s}" for c, s in classes]
+    return {"images": images, "truth": [names[k] for k in truth], "predicted": [names[k] for k in both.tolist()],
+            "one_prompt": (one == truth_t).float().mean().item(), "ensemble": (both == truth_t).float().mean().item(),
+            "with_side": (with_side == truth_t + len(classes) * sides).float().mean().item(),
+            "chance": 1 / len(classes), "n": n}
+
+
+def plot_zero_shot(result: dict, k: int = 8) -> Figure:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, k, figsize=(1.6 * k, 2.1))
+    for ax, image, truth, guess in zip(axes, result["images"], result["truth"], result["predicted"]):
+        ax.imshow(image)
+        ax.set_title(f"{guess}\n({truth})", fontsize=8, color="tab:green" if guess == truth else "tab:red")
+        ax.axis("off")
+    fig.suptitle("zero-shot: CLIP's best caption (the truth in brackets)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def qformer_masks(queries: int = 4, text: int = 5) -> dict[str, torch.Tensor]:
+    """BLIP-2's three self-attention masks over [queries | text] (Li et al. 2023, Fig. 2): row attends to column.
+
+    - ITC (image-text contrastive): uni-modal; queries see queries, text sees text, so neither leaks into
+      the other before their embeddings are compared.
+    - ITG (image-grounded text generation): multimodal causal; queries see only queries, each text token sees
+      every query and the text before it, so the text must be written from what the queries extracted.
+    - ITM (image-text matching): bi-directional; everything sees everything, for a match / no-match verdict.
+    """
+    n = queries + text
+    is_query = torch.arange(n) < queries
+    same = is_query[:, None] == is_query[None, :]
+    causal_text = torch.ones(n, n, dtype=torch.bool).tril() | is_query[None, :]
+    return {"ITC": same, "ITG": torch.where(is_query[:, None], is_query[None, :], causal_text),
+            "ITM": torch.ones(n, n, dtype=torch.bool)}
+
+
+def plot_qformer_masks(masks: dict[str, torch.Tensor], queries: int) -> Figure:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(masks), figsize=(3.6 * len(masks), 3.4))
+    for ax, (name, mask) in zip(axes, masks.items()):
+        n = mask.shape[0]
+        ax.imshow(mask.numpy(), cmap="Blues", vmin=0, vmax=1.3)
+        labels = [f"Q{k}" for k in range(queries)] + [f"T{k}" for k in range(n - queries)]
+        ax.set_xticks(range(n), labels, fontsize=7)
+        ax.set_yticks(range(n), labels, fontsize=7)
+        ax.axhline(queries - 0.5, color="tab:red", lw=1)
+        ax.axvline(queries - 0.5, color="tab:red", lw=1)
+        ax.set_title(name, fontsize=10)
+    fig.suptitle("BLIP-2's Q-Former: which position (row) attends to which (column); Q = query, T = text", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def plot_similarity(result: dict) -> Figure:

@@ -54,6 +54,10 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={
         "help": "processes that tokenize the data the first time it is indexed (default: up to 8 CPUs for "
                 "20,000+ records); later launches read the index"})
+    eval_data_path: str | None = field(default=None, metadata={
+        "help": "held-out LLaVA JSON/JSONL: its loss is the validation loss, each epoch unless --eval_strategy says "
+                "otherwise (LLaVA's scripts have none; overfitting shows here first)"})
+    eval_image_folder: str | None = field(default=None, metadata={"help": "default: as --image_folder"})
     group_by_modality_length: bool = field(default=False, metadata={
         "help": "LLaVA's flag: length-grouped batches that never mix image and text-only samples"})
 
@@ -85,6 +89,9 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
     defaults = trainer_defaults(stage, train_type)
     argv = [x for k, v in defaults.items() if not _given(argv, k) for x in (f"--{k}", v)] + argv
     argv = _auto_device(argv)
+    if _given(argv, "eval_data_path"):  # a validation loss, not validation logits: those would be T x vocab each
+        argv += [x for k, v in (("eval_strategy", "epoch"), ("prediction_loss_only", "true")) if not _given(argv, k)
+                 for x in (f"--{k}", v)]
     if not _given(argv, "output_dir"):
         raise TrainSetupError("--output_dir is required")
     _check_deepspeed_config(_value(argv, "deepspeed", ""))
@@ -181,6 +188,8 @@ def _check_paths(margs: ModelArguments, dargs: DataArguments) -> None:
         raise TrainSetupError(f"--data_path {dargs.data_path}: no such file or folder")
     if dargs.image_folder and not Path(dargs.image_folder).is_dir():
         raise TrainSetupError(f"--image_folder {dargs.image_folder}: no such folder")
+    if dargs.eval_data_path and not Path(dargs.eval_data_path).exists():
+        raise TrainSetupError(f"--eval_data_path {dargs.eval_data_path}: no such file or folder")
     if margs.model_name_or_path == "tiny":
         if margs.stage == "finetune" and not margs.pretrain_projector:
             raise TrainSetupError("--stage finetune needs a stage-1 output as --model_name_or_path "

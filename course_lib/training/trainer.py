@@ -90,7 +90,7 @@ def vision_kept_in_graph(model: torch.nn.Module) -> Iterator[None]:
 
 def make_trainer(model: LlavaForConditionalGeneration | PeftModel, targs: TrainingArguments, dataset: LlavaDataset,
                  collator: Callable[[Sequence[dict]], dict], projector_lr: float | None, callbacks: list | None,
-                 group_by_modality: bool = False) -> Trainer:
+                 group_by_modality: bool = False, eval_dataset: LlavaDataset | None = None) -> Trainer:
     from transformers import Trainer
 
     class LlavaTrainer(Trainer):
@@ -138,6 +138,7 @@ def make_trainer(model: LlavaForConditionalGeneration | PeftModel, targs: Traini
                                             seed=self.args.seed, group_by_modality=group_by_modality)
             return super()._get_train_sampler(*args, **kwargs)
 
-    return LlavaTrainer(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    return LlavaTrainer(model=model, args=targs, train_dataset=dataset, eval_dataset=eval_dataset,
+                        data_collator=collator, callbacks=callbacks)
 
 

@@ -106,6 +106,42 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     return qs
 
 
+def absent_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """Questions about objects that are *not* in the scene, answered "there is no ...".
+
+    Image-text mismatch negatives (source 000's remedy for hallucination): the same three question
+    shapes as `questions`, about a shape, a colour or an object the image does not show, so that the
+    only right answer is to say so.
+    """
+    shapes = Counter(o.shape for o in scene.objects)
+    colors = {o.color for o in scene.objects}
+    names = {o.name for o in scene.objects}
+    qs = [("color", f"What color is the {s}?", f"there is no {s}") for s in SHAPES if not shapes[s]]
+    qs += [("shape", f"What shape is the {c} object?", f"there is no {c} object") for c in COLORS if c not in colors]
+    absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in names]
+    name = rng.choice(absent)
+    qs.append(("position", f"Is the {name} on the left or the right?", f"there is no {name}"))
+    return qs
+
+
+def write_question_set(out: Path, n: int, seed: int, absent: bool, image_size: int = 64,
+                       max_objects: int = 3) -> Path:
+    """`n` one-image questions on fresh scenes (seeded apart from the world's): about objects the image
+    shows, or (`absent`) about objects it does not. Writes `questions.json` + `images/`; returns the json."""
+    rng = random.Random(seed)
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        scene = random_scene(rng, max_objects)
+        sid = f"{'absent' if absent else 'present'}_{i:06d}"
+        name = _save(render(scene, image_size, rng), out / "images", f"{sid}.png")
+        qtype, q, a = rng.choice(absent_questions(scene, rng) if absent else questions(scene, rng))
+        records.append(_record(sid, "eval", qtype, a, name, _conv([(q, a)], 1), (scene,)))
+    atomic_write_json(out / "questions.json", records, indent=1)
+    return out / "questions.json"
+
+
 def compare_question(scenes: list[Scene], rng: random.Random) -> tuple[str, str]:
     """The two-image question: which scene has more of a shape (first, second or same).
 
