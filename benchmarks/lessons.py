@@ -7,9 +7,10 @@
   the patch embeddings before any transformer block), freeze_vision from the empty LLaVA.
 - `untrained_projector`: source 001's accident, use_lora from the empty LLaVA with the projector trained,
   or left at its random initialisation; scored with the images and blind (black images).
-- `hallucination`: questions about absent objects, before and after adding image-text mismatch negatives
-  (source 000's remedy) to the training data; the control run gets the same number of ordinary questions.
-- `overfitting`: 256 training samples seen many times, the validation loss every 25 steps.
+- `hallucination`: questions about absent objects, asked of notebook 06's 11-epoch model, then after a short
+  finetune (half the steps) from it with 1,500 image-text mismatch negatives added to the training data (source
+  000's remedy), against the same finetune with 1,500 ordinary questions added.
+- `overfitting`: 64 training samples seen many times (4/3 of the steps), the validation loss every 25 steps.
 
 Every run is `course_lib.lessons.ablations.ablation_run` (one process, no Trainer, no DeepSpeed: variants are
 compared with each other, not with the course's runs). Results go to `benchmarks/recorded/lessons.json`, which
@@ -28,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from course_lib.lessons.ablations import ablation_run
+from course_lib.training.launch import runs_dir
 from course_lib.world.backbones import ensure_tiny_world
 from course_lib.world.scenes import write_question_set
 
@@ -41,14 +43,18 @@ def experiment(name: str, world, steps: int, tmp: Path) -> list[dict]:
     if name == "untrained_projector":
         return [ablation_run(world, label, train_type="use_lora", lr=1e-3, freeze_projector=frozen, steps=steps)
                 for label, frozen in (("projector trained", False), ("projector never trained", True))]
-    if name == "hallucination":
+    if name == "hallucination":  # a good model, then a short finetune with or without mismatch negatives
+        start = runs_dir() / "finetune_freeze_vision_11_epochs"
+        if not (start / "training_summary.json").is_file():
+            raise SystemExit(f"{start}: not found; run notebook 06 first (its 11-epoch model is the starting point)")
         probes = {"absent": write_question_set(tmp / "probe", 300, seed=20261205, absent=True)}
-        extra = {"ordinary questions added": write_question_set(tmp / "present", 600, seed=7, absent=False),
-                 "mismatch negatives added": write_question_set(tmp / "absent", 600, seed=8, absent=True)}
-        return [ablation_run(world, label, extra=path, probes=probes, steps=steps, blind=False)
-                for label, path in extra.items()]
+        extra = {"ordinary questions added": write_question_set(tmp / "present", 1500, seed=7, absent=False),
+                 "mismatch negatives added": write_question_set(tmp / "absent", 1500, seed=8, absent=True)}
+        before = ablation_run(world, "notebook 06's 11-epoch model", start=start, steps=0, probes=probes, blind=False)
+        return [before, *(ablation_run(world, label, start=start, extra=path, probes=probes, steps=steps // 2,
+                                       blind=False) for label, path in extra.items())]
     if name == "overfitting":
-        return [ablation_run(world, "256 training samples", train_limit=256, validate_every=25, steps=steps,
+        return [ablation_run(world, "64 training samples", train_limit=64, validate_every=25, steps=steps * 4 // 3,
                              blind=False)]
     raise ValueError(name)
 

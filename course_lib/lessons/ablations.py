@@ -17,6 +17,7 @@ same questions with black images (the *blind* score: what the question alone giv
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,12 +40,11 @@ if TYPE_CHECKING:
 CONTENT_WORDS = (*COLORS, *SHAPES, *SIDES)
 
 
-def first_answer_words(model, dataset: LlavaDataset, batch_size: int = 32) -> list[str]:
-    """The model's greedy first answer token for every sample (teacher-forced: the first token greedy
-    decoding would write), decoded and stripped."""
-    tokenizer = dataset.processor.tokenizer
-    collator = PaddedCollator(tokenizer.pad_token_id)
-    words = []
+def first_answer_tokens(model, dataset: LlavaDataset, batch_size: int = 32) -> list[int]:
+    """The model's greedy first answer token for every sample (teacher-forced: the token greedy decoding
+    would write first)."""
+    collator = PaddedCollator(dataset.processor.tokenizer.pad_token_id)
+    tokens = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
@@ -52,25 +52,27 @@ def first_answer_words(model, dataset: LlavaDataset, batch_size: int = 32) -> li
             logits = model(**batch).logits[:, :-1]
             labels = batch["labels"][:, 1:]
             first = (labels != IGNORE_INDEX).int().argmax(1)  # the first answer position of each row
-            picked = logits[torch.arange(len(first)), first].argmax(-1)
-            words += [tokenizer.decode([t]).strip() for t in picked.tolist()]
-    return words
+            tokens += logits[torch.arange(len(first)), first].argmax(-1).tolist()
+    return tokens
 
 
-def probe(model, path: Path, processor, types: dict[str, str] | None = None) -> dict:
-    """Exact match on a question set, and how often the first answer word names a colour, shape or side."""
+def probe(model, path: Path, processor) -> dict:
+    """Exact match on a question set, and how often the first answer token starts a colour, shape or side
+    (an answer about the object as if it were there) or starts the set's own answers ("there is no ...")."""
     dataset = LlavaDataset(path, processor, template="chat")
-    types = types or {r["id"]: r["type"] for r in json.loads(Path(path).read_text())}
-    words = first_answer_words(model, dataset)
-    named = sum(any(w and c.startswith(w) for c in CONTENT_WORDS) for w in words) / len(words)
-    return {**answer_accuracy(model, dataset, types), "names_an_object_answer": named,
-            "first_words": words[:8]}
+    records = json.loads(Path(path).read_text())
+    tokenizer = processor.tokenizer
 
+    def first(text: str) -> int:  # answers start a line: the tokenizer's pieces for a word at a line start
+        return tokenizer(text, add_special_tokens=False)["input_ids"][0]
 
-def _subset(dataset: LlavaDataset, n: int) -> LlavaDataset:
-    for attr in ("samples", "lengths", "image_counts", "tile_counts"):
-        setattr(dataset, attr, getattr(dataset, attr)[:n])
-    return dataset
+    content = {first(w) for w in CONTENT_WORDS}
+    refusal = {first(r["answer"]) for r in records}
+    tokens = first_answer_tokens(model, dataset)
+    return {**answer_accuracy(model, dataset, {r["id"]: r["type"] for r in records}),
+            "names_an_object_answer": sum(t in content and t not in refusal for t in tokens) / len(tokens),
+            "starts_the_reference": sum(t in refusal for t in tokens) / len(tokens),
+            "first_words": [tokenizer.decode([t]) for t in tokens[:8]]}
 
 
 def ablation_run(world: TinyWorld, label: str, *, start: str | Path | None = None, train_type: str = "freeze_vision",
@@ -95,11 +97,16 @@ def ablation_run(world: TinyWorld, label: str, *, start: str | Path | None = Non
                 p.requires_grad = False
     model.config.use_cache = False
     train, evalset, types = tiny_sets(world, processor)
-    if train_limit:
-        train = _subset(train, train_limit)
-    data = ConcatDataset([train, LlavaDataset(extra, processor, template="chat")]) if extra else train
-    run = train_steps(model, data, processor.tokenizer.pad_token_id, steps, batch_size, lr, projector_lr, seed,
-                      validate=(lambda: eval_loss(model, evalset)) if validate_every else None, every=validate_every)
+    with tempfile.TemporaryDirectory() as tmp:
+        if train_limit:  # the first `train_limit` records of the instruct set, as a data file of their own
+            records = json.loads((world.data / "instruct" / "instruct.json").read_text())[:train_limit]
+            (Path(tmp) / "subset.json").write_text(json.dumps(records))
+            train = LlavaDataset(Path(tmp) / "subset.json", processor, template="chat",
+                                 image_folder=world.data / "instruct" / "images")
+        data = ConcatDataset([train, LlavaDataset(extra, processor, template="chat")]) if extra else train
+        run = train_steps(model, data, processor.tokenizer.pad_token_id, steps, batch_size, lr, projector_lr, seed,
+                          validate=(lambda: eval_loss(model, evalset)) if validate_every else None,
+                          every=validate_every)
     result = {"label": label, "train_type": train_type, "feature_layer": feature_layer,
               "freeze_projector": freeze_projector, "steps": steps, "batch_size": batch_size,
               "train_samples": len(data), "step_seconds": run["step_seconds"], "losses": run["losses"],
@@ -159,10 +166,10 @@ def format_recorded(name: str, path: Path = RECORDED) -> str:
     runs = rec["runs"]
     types = sorted(runs[0]["by_type"])
     probes = [k for k in runs[0] if isinstance(runs[0][k], dict) and "names_an_object_answer" in runs[0][k]]
-    header = ["run", "held-out accuracy", *(["blind"] if "blind" in runs[0] else []), *types,
+    header = ["run", "steps", "held-out accuracy", *(["blind"] if "blind" in runs[0] else []), *types,
               *(f"{p}: answers 'there is no'" for p in probes), *(f"{p}: names a colour/shape/side" for p in probes)]
-    body = [[r["label"], f"{r['accuracy']:.1%}", *([f"{r['blind']:.1%}"] if "blind" in r else []),
+    body = [[r["label"], str(r["steps"]), f"{r['accuracy']:.1%}", *([f"{r['blind']:.1%}"] if "blind" in r else []),
              *(f"{r['by_type'][t]:.0%}" for t in types), *(f"{r[p]['accuracy']:.1%}" for p in probes),
              *(f"{r[p]['names_an_object_answer']:.1%}" for p in probes)] for r in runs]
-    return (f"Recorded by `{rec['command']}` on {rec['date']} (tiny world `{rec['world']}`; {runs[0]['steps']} "
-            f"steps of {runs[0]['batch_size']} per run, one process):\n\n" + render_table(header, body, markdown=True))
+    return (f"Recorded by `{rec['command']}` on {rec['date']} (tiny world `{rec['world']}`; batches of "
+            f"{runs[0]['batch_size']}, one process):\n\n" + render_table(header, body, markdown=True))

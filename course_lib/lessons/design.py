@@ -99,7 +99,8 @@ def train_steps(model: LlavaForConditionalGeneration | PeftModel, train, pad_tok
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10))
     batches = _batches(train, batch_size, torch.Generator().manual_seed(seed))
     model.train()
-    losses, seconds, curve = [], [], []
+    losses, seconds = [], []
+    curve = [(0, validate())] if validate and every else []  # where the curve starts: the untrained loss
     for step in range(1, steps + 1):
         batch = collator(next(batches))
         start = time.perf_counter()
@@ -112,23 +113,20 @@ def train_steps(model: LlavaForConditionalGeneration | PeftModel, train, pad_tok
         losses.append(loss.item())
         if validate and (step == steps or (every and step % every == 0)):
             curve.append((step, validate()))
-    return {"losses": losses, "step_seconds": statistics.median(seconds), "validation": curve}
+    return {"losses": losses, "step_seconds": statistics.median(seconds) if seconds else 0.0, "validation": curve}
 
 
-def tiny_sets(world: TinyWorld, processor, eval_limit: int | None = None) -> tuple[LlavaDataset, LlavaDataset, dict]:
-    """The instruct set, the held-out set (its first `eval_limit` samples) and the held-out types."""
+def tiny_sets(world: TinyWorld, processor) -> tuple[LlavaDataset, LlavaDataset, dict]:
+    """The instruct set, the held-out set and the held-out question types."""
     train = LlavaDataset(world.data / "instruct" / "instruct.json", processor, template="chat")
     evalset = LlavaDataset(world.data / "eval" / "eval.json", processor, template="chat")
-    if eval_limit:
-        for attr in ("samples", "lengths", "image_counts", "tile_counts"):
-            setattr(evalset, attr, getattr(evalset, attr)[:eval_limit])
     types = {r["id"]: r["type"] for r in json.loads((world.data / "eval" / "eval.json").read_text())}
     return train, evalset, types
 
 
 def projector_run(world: TinyWorld, name: str = "mlp2x_gelu", steps: int = 150, batch_size: int = 16, lr: float = 5e-4,
-                  projector_lr: float = 1e-3, seed: int = 0, eval_limit: int | None = None,
-                  train_type: str = "freeze_vision", feature_layer: int = -2, **kwargs) -> dict:
+                  projector_lr: float = 1e-3, seed: int = 0, train_type: str = "freeze_vision",
+                  feature_layer: int = -2, **kwargs) -> dict:
     """Train one design (projector `name`, `train_type`, CLIP layer `feature_layer`) for `steps`; a table row."""
     model, processor = build_llava(str(world.clip), str(world.llm), seed=seed)
     model.config.vision_feature_layer = feature_layer
@@ -136,7 +134,7 @@ def projector_run(world: TinyWorld, name: str = "mlp2x_gelu", steps: int = 150, 
     torch.manual_seed(seed)  # LoRA's random init
     model = prepare_model(model, "finetune", train_type)
     model.config.text_config.use_cache = False
-    train, evalset, types = tiny_sets(world, processor, eval_limit)
+    train, evalset, types = tiny_sets(world, processor)
     run = train_steps(model, train, processor.tokenizer.pad_token_id, steps, batch_size, lr, projector_lr, seed)
     scores = answer_accuracy(model, evalset, types)
     trainable = next(row["trainable"] for row in param_table(model) if row["module"] == "total")
