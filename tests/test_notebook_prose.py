@@ -28,6 +28,7 @@ SPECIFICATIONS = {
     ("00", "2×"): "the scene's 2x2 grid",
     ("01", "24 ×"): "(336 / 14)² = 24 x 24, arithmetic",
     ("04", "3%"): "LLaVA-1.5's warm-up ratio 0.03, a recipe value",
+    ("06", "90%"): "the course's accuracy target (issue 5), a goal, not a result",
     ("07", "20 MiB"): "the upload limit, course_lib.serving.widgets",
     ("07", "1.8 GB"): "0.9B parameters x 2 bytes (bf16), arithmetic",
     ("07", "3.6 GB"): "0.9B parameters x 4 bytes (fp32), arithmetic",
