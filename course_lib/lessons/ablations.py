@@ -25,10 +25,9 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from course_lib.build import build_llava
-from course_lib.data.collators import PaddedCollator
 from course_lib.data.dataset import LlavaDataset
 from course_lib.data.labels import IGNORE_INDEX
-from course_lib.lessons.design import answer_accuracy, eval_loss, tiny_sets, train_steps
+from course_lib.lessons.design import answer_accuracy, eval_loss, held_out_batches, tiny_sets, train_steps
 from course_lib.model.lora import PROJECTOR
 from course_lib.training.trainable import prepare_model
 from course_lib.world.scenes import COLORS, SHAPES, SIDES
@@ -43,12 +42,10 @@ CONTENT_WORDS = (*COLORS, *SHAPES, *SIDES)
 def first_answer_tokens(model, dataset: LlavaDataset, batch_size: int = 32) -> list[int]:
     """The model's greedy first answer token for every sample (teacher-forced: the token greedy decoding
     would write first)."""
-    collator = PaddedCollator(dataset.processor.tokenizer.pad_token_id)
     tokens = []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        for _, batch in held_out_batches(dataset, batch_size):
             logits = model(**batch).logits[:, :-1]
             labels = batch["labels"][:, 1:]
             first = (labels != IGNORE_INDEX).int().argmax(1)  # the first answer position of each row

@@ -46,6 +46,13 @@ def _batches(dataset, batch_size: int, generator: torch.Generator):
                 yield [dataset[i] for i in idx.tolist()]
 
 
+def held_out_batches(dataset: LlavaDataset, batch_size: int):
+    """(first index, padded batch) over `dataset` in order: every sample once, the last batch possibly short."""
+    collator = PaddedCollator(dataset.processor.tokenizer.pad_token_id)
+    for start in range(0, len(dataset), batch_size):
+        yield start, collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
 def answer_accuracy(model: LlavaForConditionalGeneration | PeftModel, dataset: LlavaDataset, types: dict[str, str],
                     batch_size: int = 32, blank_images: bool = False) -> dict:
     """Teacher-forced exact match, overall and per question type (`types`: sample id -> type).
@@ -53,19 +60,16 @@ def answer_accuracy(model: LlavaForConditionalGeneration | PeftModel, dataset: L
     `blank_images`: every image is replaced by a black one (zero pixel values after normalisation): what
     the model answers from the question alone, the "blind" baseline that tells using the image from guessing.
     """
-    collator = PaddedCollator(dataset.processor.tokenizer.pad_token_id)
     hits: dict[str, list[bool]] = defaultdict(list)
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = collator(items)
+        for start, batch in held_out_batches(dataset, batch_size):
             if blank_images and batch.get("pixel_values") is not None:
                 batch["pixel_values"] = torch.zeros_like(batch["pixel_values"])
             logits = model(**batch).logits[:, :-1]
             labels = batch["labels"][:, 1:]
             correct = ((logits.argmax(-1) == labels) | (labels == IGNORE_INDEX)).all(1)
-            for k, ok in zip(range(start, start + len(items)), correct.tolist()):
+            for k, ok in zip(range(start, start + len(correct)), correct.tolist()):
                 hits[types[dataset.samples[k].id]].append(ok)
     by_type = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
     every = [x for v in hits.values() for x in v]
@@ -74,12 +78,10 @@ def answer_accuracy(model: LlavaForConditionalGeneration | PeftModel, dataset: L
 
 def eval_loss(model: LlavaForConditionalGeneration | PeftModel, dataset: LlavaDataset, batch_size: int = 32) -> float:
     """Mean loss per answer token on `dataset` (the validation loss), in eval mode, without gradients."""
-    collator = PaddedCollator(dataset.processor.tokenizer.pad_token_id)
     was_training, total, tokens = model.training, 0.0, 0
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        for _, batch in held_out_batches(dataset, batch_size):
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             total, tokens = total + model(**batch).loss.item() * n, tokens + n
     model.train(was_training)
