@@ -59,7 +59,7 @@ COURSE = [
     ("08_speed", "padding vs packing measured, attention backends, ZeRO-2 memory, the data loader, cost growth",
      "lessons.speed, data.collators, data.sampler, training.zero"),
     ("09_design_patterns", "ways to join vision and language: CLIP's loss, projectors, Q-Former, pixel shuffle, "
-     "tiling", "lessons.design, model.projectors, data.tiling"),
+     "tiling", "lessons.clip, lessons.design, model.projectors, data.tiling"),
     ("10_real_gpus", "real GPUs: memory per GPU and training time by stage, train type, model size and ZeRO stage; "
      "FlashAttention-2, bf16 and the exact commands", "lessons.gpu_plan, training.zero, lessons.speed"),
     ("11_recap", "the recap: what each notebook built, the numbers your runs produced, where to go next, a reading "
