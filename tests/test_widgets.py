@@ -153,3 +153,20 @@ def test_image_counts_are_bounded_per_message_and_per_conversation(loaded, eval_
     _say(ui, "How many circles are there?")
     ui.upload.value = upload_value(png, png)  # the conversation holds 2: one more fits
     assert len(ui.pending) == 1 and ui.entries[-1].text.startswith("1 of 2 images not added")
+
+
+def test_the_chinese_app_speaks_chinese_and_the_model_its_own_words(loaded, eval_pngs, tmp_path):
+    ui = chat_ui(models={"empty": loaded}, runs_dir=tmp_path, lang="zh", max_upload_bytes=10_000)
+    assert (ui.send.description, ui.clear.description, ui.picker.description, ui.upload.description) == (
+        "发送", "清空", "模型", "图片")
+    _say(ui, "")
+    ui.upload.value = upload_value(("big.png", b"\0" * 20_004), ("notes.txt", b"hello"))
+    assert [e.text for e in ui.entries] == [
+        "请先写一条消息（图片会随消息一起发送）", "big.png：文件太大（20,004 字节，上限是 10,000）",
+        "notes.txt: not an image Pillow can read (expected PNG, JPEG, WebP, ...)"]  # the library's words stay
+    ui.max_new_tokens.value = 6
+    _say(ui, "Hi")
+    assert ui.entries[-1].text == Chat(loaded).ask("Hi", max_new_tokens=6)
+    assert "<b>你:</b>" in ui.transcript.children[-2].value
+    with pytest.raises(ValueError, match="lang='fr'"):
+        ChatUI(runs_dir=tmp_path, lang="fr")

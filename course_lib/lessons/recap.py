@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from course_lib.i18n import BANNER_KEYS
 from course_lib.lessons.inspect_llava import COURSE
 from course_lib.training.checkpoints import SUMMARY
 
@@ -25,7 +26,8 @@ def banner(notebook: str | Path) -> dict[str, str]:
     """The `> - **Needs** ...` lines of a notebook's first cell, as {"Needs": "...", "Builds": ..., ...}."""
     cells = json.loads(Path(notebook).read_text())["cells"]
     lines = "".join(cells[0]["source"]).splitlines()
-    return {m.group(1): m.group(2) for m in map(BANNER_LINE.match, lines) if m}
+    english = {word: key for words in BANNER_KEYS.values() for key, word in words.items()}  # notebooks/zh/ too
+    return {english.get(m.group(1), m.group(1)): m.group(2) for m in map(BANNER_LINE.match, lines) if m}
 
 
 def course_recap(notebooks_dir: str | Path) -> list[dict]:

@@ -30,6 +30,33 @@ MAX_UPLOAD_BYTES = 20 * 2**20  # 20 MiB: a large photo; the browser sends the wh
 MAX_IMAGES_PER_MESSAGE, MAX_IMAGES_PER_CHAT = 4, 8
 THUMBNAIL_PX = 96
 ModelSource = str | Path | LoadedModel
+# The app's own words, per language (`lang=`). The model's answers, and the library's messages about a bad image,
+# stay as they are.
+TEXT = {
+    "en": {"model": "model", "images": "images", "placeholder": "Ask about the images, or anything", "send": "Send",
+           "clear": "Clear", "temperature": "temperature", "greedy": "0 = greedy", "max_new_tokens": "max new tokens",
+           "you": "You",
+           "too_many": "{refused} of {sent} images not added: at most {per_message} per message and {per_chat} per "
+                       "conversation (Clear starts a new one)",
+           "too_large": "{name}: file too large ({size:,} bytes, the limit is {limit:,})",
+           "no_model_status": "no model: train one into runs/ or pass models=...",
+           "no_model": "no model to talk to: train one into runs/ or pass models=... to chat_ui",
+           "loads_later": "loads on first message", "loading": "loading…", "load_failed": "load failed",
+           "cannot_load": "cannot load {label}: {err}", "empty_message": "write a message first (images are sent "
+                                                                         "along with it)",
+           "generation_failed": "generation failed: {err}"},
+    "zh": {"model": "模型", "images": "图片", "placeholder": "问问图片里的内容，或者随便聊聊", "send": "发送",
+           "clear": "清空", "temperature": "温度", "greedy": "0 = 贪心解码", "max_new_tokens": "最多新 token 数",
+           "you": "你",
+           "too_many": "{sent} 张图片中有 {refused} 张没有加入：每条消息最多 {per_message} 张，"
+                       "每段对话最多 {per_chat} 张（点“清空”开始新对话）",
+           "too_large": "{name}：文件太大（{size:,} 字节，上限是 {limit:,}）",
+           "no_model_status": "没有模型：先训练一个到 runs/ 下，或传入 models=...",
+           "no_model": "没有可以对话的模型：先训练一个到 runs/ 下，或给 chat_ui 传入 models=...",
+           "loads_later": "发送第一条消息时加载", "loading": "加载中…", "load_failed": "加载失败",
+           "cannot_load": "无法加载 {label}：{err}", "empty_message": "请先写一条消息（图片会随消息一起发送）",
+           "generation_failed": "生成失败：{err}"},
+}
 
 
 @dataclass
@@ -73,7 +100,11 @@ class ChatUI:
                  runs_dir: str | Path | Sequence[str | Path] | None = None, *,
                  loader: Callable[[str | Path], LoadedModel] = load_trained,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
-                 max_images_per_message: int = MAX_IMAGES_PER_MESSAGE, max_images_per_chat: int = MAX_IMAGES_PER_CHAT):
+                 max_images_per_message: int = MAX_IMAGES_PER_MESSAGE, max_images_per_chat: int = MAX_IMAGES_PER_CHAT,
+                 lang: str = "en"):
+        if lang not in TEXT:
+            raise ValueError(f"lang={lang!r}: expected one of {', '.join(TEXT)}")
+        self.text = TEXT[lang]
         if runs_dir is None:
             from course_lib.training.launch import runs_dir as course_runs  # where the training notebooks write
 
@@ -86,21 +117,22 @@ class ChatUI:
         self.pending: list[Image.Image] = []
         self._chats = {label: Chat(src) for label, src in self.sources.items() if isinstance(src, LoadedModel)}
 
-        self.picker = w.Dropdown(options=list(self.sources), description="model",
+        self.picker = w.Dropdown(options=list(self.sources), description=self.text["model"],
                                  layout=w.Layout(width="60%"))
         self.status = w.HTML()
         self.transcript = w.VBox(layout=w.Layout(border="1px solid #ccc", padding="6px", min_height="120px",
                                                  max_height="480px", overflow="auto"))
         self.thumbnails = w.HBox()
-        self.upload = w.FileUpload(accept="image/*", multiple=True, description="images")
-        self.message = w.Textarea(placeholder="Ask about the images, or anything", rows=2,
+        self.upload = w.FileUpload(accept="image/*", multiple=True, description=self.text["images"])
+        self.message = w.Textarea(placeholder=self.text["placeholder"], rows=2,
                                   layout=w.Layout(width="50%"))
-        self.send = w.Button(description="Send", button_style="primary")
-        self.clear = w.Button(description="Clear")
+        self.send = w.Button(description=self.text["send"], button_style="primary")
+        self.clear = w.Button(description=self.text["clear"])
         wide_label = {"description_width": "initial"}
-        self.temperature = w.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.05, description="temperature",
-                                         tooltip="0 = greedy", style=wide_label)
-        self.max_new_tokens = w.IntSlider(value=64, min=1, max=512, description="max new tokens", style=wide_label)
+        self.temperature = w.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.05, description=self.text["temperature"],
+                                         tooltip=self.text["greedy"], style=wide_label)
+        self.max_new_tokens = w.IntSlider(value=64, min=1, max=512, description=self.text["max_new_tokens"],
+                                          style=wide_label)
         self.widget = w.VBox([
             w.HBox([self.picker, self.status]), self.transcript, self.thumbnails,
             w.HBox([self.upload, self.message, self.send, self.clear]),
@@ -130,12 +162,11 @@ class ChatUI:
         self.transcript.children = (*self.transcript.children, view)
         return view
 
-    @staticmethod
-    def _html(entry: Entry) -> str:
+    def _html(self, entry: Entry) -> str:
         text = html.escape(entry.text).replace("\n", "<br>")
         if entry.role == "notice":
             return f'<div style="color:#b00">⚠ {text}</div>'
-        who = "You" if entry.role == "user" else "LLaVA"
+        who = self.text["you"] if entry.role == "user" else "LLaVA"
         return f"<div><b>{who}:</b> {text}</div>"
 
     def notice(self, text: str) -> None:
@@ -151,15 +182,15 @@ class ChatUI:
         room = min(self.max_images_per_message - len(self.pending),
                    self.max_images_per_chat - len(self.pending) - self._history_images())
         if len(files) > max(room, 0):  # one notice for the lot, not one per refused file
-            self.notice(f"{len(files) - max(room, 0)} of {len(files)} images not added: at most "
-                        f"{self.max_images_per_message} per message and {self.max_images_per_chat} per conversation "
-                        "(Clear starts a new one)")
+            self.notice(self.text["too_many"].format(refused=len(files) - max(room, 0), sent=len(files),
+                                                     per_message=self.max_images_per_message,
+                                                     per_chat=self.max_images_per_chat))
             files = files[:max(room, 0)]
         for file in files:
             name, content = file.get("name", "upload"), file.get("content", b"")
             size = max(file.get("size", 0), len(content))
             if size > self.max_upload_bytes:
-                self.notice(f"{name}: file too large ({size:,} bytes, the limit is {self.max_upload_bytes:,})")
+                self.notice(self.text["too_large"].format(name=name, size=size, limit=self.max_upload_bytes))
                 continue
             try:
                 image = load_image(bytes(content), name=name, max_pixels=self.max_pixels)
@@ -192,26 +223,26 @@ class ChatUI:
     def _show_status(self, extra: str = "") -> None:
         label = self.picker.value
         if label is None:
-            self.status.value = "<i>no model: train one into runs/ or pass models=...</i>"
+            self.status.value = f"<i>{self.text['no_model_status']}</i>"
         elif label in self._chats:
             loaded = self._chats[label].loaded
             self.status.value = f"<i>{loaded.kind}, {loaded.device}, {loaded.dtype}</i>".replace("torch.", "")
         else:
-            self.status.value = f"<i>{extra or 'loads on first message'}</i>"
+            self.status.value = f"<i>{extra or self.text['loads_later']}</i>"
 
     def _chat(self) -> Chat | None:
         label = self.picker.value
         if label is None:
-            self.notice("no model to talk to: train one into runs/ or pass models=... to chat_ui")
+            self.notice(self.text["no_model"])
             return None
         if label not in self._chats:
             source = self.sources[label]
-            self._show_status("loading…")
+            self._show_status(self.text["loading"])
             try:
                 loaded = self.loader(source)
             except Exception as err:  # a broken folder must not break the UI
-                self.notice(f"cannot load {label}: {err}")
-                self._show_status("load failed")
+                self.notice(self.text["cannot_load"].format(label=label, err=err))
+                self._show_status(self.text["load_failed"])
                 return None
             self._chats[label] = Chat(loaded)
             self._show_status()
@@ -225,7 +256,7 @@ class ChatUI:
     def _on_send(self, button: w.Button | None = None) -> None:
         text = self.message.value.strip()
         if not text:
-            self.notice("write a message first (images are sent along with it)")
+            self.notice(self.text["empty_message"])
             return
         chat = self._chat()
         if chat is None:
@@ -244,7 +275,7 @@ class ChatUI:
                 answer.text += piece
                 view.value = self._html(answer)
         except Exception as err:  # shown in the chat, the conversation stays usable
-            self.notice(f"generation failed: {type(err).__name__}: {err}")
+            self.notice(self.text["generation_failed"].format(err=f"{type(err).__name__}: {err}"))
         finally:
             self.send.disabled = False
 
@@ -252,5 +283,5 @@ class ChatUI:
 def chat_ui(models: Mapping[str, ModelSource] | Sequence[ModelSource] | None = None,
             runs_dir: str | Path | Sequence[str | Path] | None = None, **kwargs) -> ChatUI:
     """Build the chat UI: `models` (paths or loaded models) plus every trained output under `runs_dir`
-    (default: the course's runs folder, `launch.runs_dir()`)."""
+    (default: the course's runs folder, `launch.runs_dir()`). `lang="zh"` shows the app's labels in Chinese."""
     return ChatUI(models, runs_dir, **kwargs)
