@@ -9,11 +9,13 @@ import pytest
 from course_lib.i18n import (
     BANNER_KEYS,
     LANGS,
+    LINK,
     NOTEBOOKS,
     broken_links,
     en_sha,
     english_notebooks,
     notebook_lang,
+    numbers,
     read_translations,
     relative,
     report,
@@ -109,3 +111,12 @@ def test_a_notebook_knows_its_edition_from_its_folder(tmp_path):
     assert notebook_lang(NOTEBOOKS / "zh") == "zh"
     assert notebook_lang(NOTEBOOKS / "zh" / "solutions") == "zh"
     assert notebook_lang(tmp_path / "zh") == "en"  # a folder named zh elsewhere is not an edition
+
+
+def test_the_readmes_chinese_part_states_the_numbers_of_the_english_part():
+    """The Chinese part quotes the same runs: every number it states is one the English part states."""
+    english, chinese = (NOTEBOOKS.parent / "README.md").read_text(encoding="utf-8").split("\n## 简体中文\n")
+    assert numbers(chinese) - numbers(english) == set()
+    assert "](notebooks/zh/)" in chinese
+    files = [t for t in LINK.findall(chinese) if not t.startswith(("#", "http"))]
+    assert [t for t in files if not (NOTEBOOKS.parent / t).exists()] == []
