@@ -64,8 +64,10 @@ def cell_text(cell: dict) -> str:
 
 
 def numbers(text: str) -> set[str]:
-    """The numbers a text states, with thousands separators dropped: {'97.0', '151936', ...}."""
-    return {n.replace(",", "") for n in NUMBER.findall(text)}
+    """The numbers a text states, with thousands separators dropped: {'97.0', '151936', ...}. Single digits are
+    left out: Chinese writes "stage 1" as 第一阶段 and "two ranks" as 两个进程, while a measured number has a
+    decimal point or more digits."""
+    return {n.replace(",", "") for n in NUMBER.findall(text) if len(n) > 1}
 
 
 def glossary(lang: str, root: Path = NOTEBOOKS) -> list[dict]:
