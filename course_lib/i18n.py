@@ -36,7 +36,7 @@ NOTEBOOKS = REPO / "notebooks"
 LANGS = ("zh",)
 # The banner's bold keys, per language; `lessons.recap.banner` reads either.
 BANNER_KEYS = {"zh": {"Needs": "需要", "Builds": "产出", "Takes": "耗时", "Words": "术语"}}
-NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
+NUMBER = re.compile(r"(?<![A-Za-z0-9_.])\d[\d,]*(?:\.\d+)?")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
