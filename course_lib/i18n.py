@@ -36,7 +36,7 @@ NOTEBOOKS = REPO / "notebooks"
 LANGS = ("zh",)
 # The banner's bold keys, per language; `lessons.recap.banner` reads either.
 BANNER_KEYS = {"zh": {"Needs": "需要", "Builds": "产出", "Takes": "耗时", "Words": "术语"}}
-NUMBER = re.compile(r"(?<![A-Za-z0-9_.])\d[\d,]*(?:\.\d+)?")
+NUMBER = re.compile(r"(?<![A-Za-z0-9_.])\d(?:[\d,]*\d)?(?:\.\d+)?")  # "3e-5," is 3 and 5, not "5,"
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -67,7 +67,7 @@ def numbers(text: str) -> set[str]:
     """The numbers a text states, with thousands separators dropped: {'97.0', '151936', ...}. Single digits are
     left out: Chinese writes "stage 1" as 第一阶段 and "two ranks" as 两个进程, while a measured number has a
     decimal point or more digits."""
-    return {n.replace(",", "") for n in NUMBER.findall(text) if len(n) > 1}
+    return {n for n in (m.replace(",", "") for m in NUMBER.findall(text)) if len(n) > 1}
 
 
 def glossary(lang: str, root: Path = NOTEBOOKS) -> list[dict]:
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lang", default="zh", help=f"one of {', '.join(LANGS)}")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if anything is to fix")
     parser.add_argument("--stub", action="store_true", help="add empty entries for untranslated cells first")
-    parser.add_argument("--only", action="append", default=[], metavar="PREFIX",
+    parser.add_argument("--only", action="extend", nargs="+", default=[], metavar="PREFIX",
                         help="report only these notebooks: 05, solutions/05 (repeatable); all are still written")
     args = parser.parse_args(argv)
     if args.stub:
