@@ -95,9 +95,9 @@ _Block.add_representer(str, lambda dumper, s: dumper.represent_scalar(
     "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
 
 
-def write_translations(path: Path, notebook: Path, entries: dict[str, dict]) -> None:
+def write_translations(path: Path, notebook: Path, entries: dict[str, dict], root: Path = NOTEBOOKS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    head = (f"# Translations of the Markdown cells of notebooks/{relative(notebook)}, by cell id.\n"
+    head = (f"# Translations of the Markdown cells of notebooks/{relative(notebook, root).as_posix()}, by cell id.\n"
             "# en_sha: sha256[:12] of the English text translated; regenerate with python -m course_lib.i18n\n")
     path.write_text(head + yaml.dump(entries, Dumper=_Block, allow_unicode=True, sort_keys=False, width=10**6),
                     encoding="utf-8")
@@ -217,7 +217,7 @@ def stub(lang: str, root: Path = NOTEBOOKS) -> int:
                 added += 1
         order = [c["id"] for c in cells]  # the notebook's order, so a file reads top to bottom
         entries = dict(sorted(entries.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-        write_translations(path, notebook, entries)
+        write_translations(path, notebook, entries, root)
     return added
 
 

@@ -88,7 +88,7 @@ def test_a_change_to_english_code_or_prose_fails_until_regenerated_and_retransla
     entries = read_translations(path)
     entries[prose["id"]] = {"en_sha": en_sha("".join(prose["source"])),
                             "text": entries[prose["id"]]["text"] + "\n英文版新加的一句话，这里是它的译文。\n"}
-    write_translations(path, english, entries)
+    write_translations(path, english, entries, root)
     assert report("zh", root, write=True) == []
 
 
@@ -98,11 +98,13 @@ def test_a_translation_that_loses_a_number_or_uses_an_avoided_word_is_reported(t
     english = root / "06_compare_train_types.ipynb"
     path = translation_file("zh", english, root)
     entries = read_translations(path)
-    cell_id, entry = next((k, v) for k, v in entries.items() if "97.0" in v["text"])
-    entries[cell_id] = {**entry, "text": entry["text"].replace("97.0", "79.0", 1) + "\n视觉塔\n"}
-    write_translations(path, english, entries)
+    cell_id, entry, measured = next((k, v, n) for k, v in entries.items() for n in numbers(v["text"]) if "." in n)
+    wrong = measured + "9"  # 820.6 -> 820.69: a slip of the keyboard
+    entries[cell_id] = {**entry, "text": entry["text"].replace(measured, wrong, 1) + "\n视觉塔\n"}
+    write_translations(path, english, entries, root)
     problems = report("zh", root, write=True)
-    assert any(f"cell {cell_id}: numbers differ from the English; not in the English: 79.0" in p for p in problems)
+    assert any(f"cell {cell_id}: numbers differ from the English; not in the English: {wrong}; missing: {measured}"
+               in p for p in problems)
     assert any(f"cell {cell_id}: '视觉塔' for vision tower" in p for p in problems)
 
 
