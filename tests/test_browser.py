@@ -75,12 +75,14 @@ def _wait_for_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> Non
 
 
 @pytest.fixture
-def voila_app(tmp_path):
-    """The notebook served by Voila, with an empty runs folder: the app talks to a fresh empty LLaVA."""
+def voila_app(request, tmp_path):
+    """The notebook (07, or the one passed as the fixture's param) served by Voila, with an empty runs folder: the
+    app talks to a fresh empty LLaVA."""
     _ensure_python_packages()
     port = _free_port()
     env = {**os.environ, "COURSE_LIB_RUNS": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1"}
-    cmd = [str(Path(sys.executable).parent / "voila"), str(NOTEBOOK), "--no-browser", f"--port={port}",
+    notebook = getattr(request, "param", NOTEBOOK)
+    cmd = [str(Path(sys.executable).parent / "voila"), str(notebook), "--no-browser", f"--port={port}",
            "--Voila.ip=127.0.0.1", "--VoilaExecutor.timeout=300"]
     log = (tmp_path / "voila.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -166,3 +168,20 @@ def test_upload_ask_and_read_the_streamed_answer(voila_app, browser, empty_llava
     assert shot.stat().st_size > 10_000
     print(f"app rendered in {rendered:.1f} s, answered in {time.monotonic() - start - rendered:.1f} s; "
           f"screenshot {shot}")
+
+
+@pytest.mark.parametrize("voila_app", [REPO / "notebooks" / "zh" / "07_chat_demo.ipynb"], indirect=True, ids=["zh"])
+def test_the_chinese_edition_serves_the_app_in_chinese(voila_app, browser):
+    """The Chinese 07 runs the English code byte for byte; its kernel starts in notebooks/zh/, so the app speaks
+    Chinese (`notebook_lang()`), while the library's own messages stay English."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(voila_app)
+    wait = WebDriverWait(browser, 240)
+    send = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, ".llava-send button, button.llava-send")))
+    clear = browser.find_element(By.CSS_SELECTOR, ".llava-clear button, button.llava-clear")
+    assert (send.text, clear.text) == ("发送", "清空")
+    send.click()  # nothing written: the app's own notice, in Chinese
+    wait.until(lambda d: "请先写一条消息" in d.find_element(By.CSS_SELECTOR, ".llava-transcript").text)
