@@ -227,11 +227,11 @@ def throughput(geometry: Geometry, n_samples: int = 96, batch_size: int = 8, rep
              Mode("grouped", PaddedCollator(0), grouped_batches(items, batch_size, seed)),
              Mode("packed", PackedCollator(10 ** 9, row_tokens=geometry.row_tokens), packed_batches(
                  items, geometry.row_tokens, rows_per_step, seed))]
-    # FlashAttention-2's varlen kernel (cu_seq_lens) and flex attention's block mask (built from the restarting
-    # position_ids by transformers' find_packed_sequence_indices) both skip cross-sample blocks, so one flat
-    # row per step costs nothing extra; SDPA and eager would pay for a dense [T, T] mask. So does sdpa_packed,
-    # which reads its blocks off that mask: it keeps rows of row_tokens.
-    if attn in ("flash_attention_2", "flex_attention"):
+    # FlashAttention-2's varlen kernel and sdpa_packed (course_lib.model.packed_attention) take the samples' bounds
+    # from the collator's cu_seq_lens, and flex attention's block mask is built from the restarting position_ids
+    # (transformers' find_packed_sequence_indices): all three skip cross-sample blocks, so one flat row per step
+    # costs nothing extra. SDPA and eager would pay for a dense [T, T] mask: they keep rows of row_tokens.
+    if attn in ("flash_attention_2", "flex_attention", "sdpa_packed"):
         modes.append(Mode("packed-1row", PackedCollator(10 ** 9), packed_batches(
             items, geometry.row_tokens, rows_per_step, seed)))
     train_pass(model, optimizer, items[:batch_size], Mode("warmup", PaddedCollator(0), [list(range(batch_size))]),
