@@ -186,11 +186,12 @@ def report(lang: str, root: Path = NOTEBOOKS, *, write: bool = False, only: tupl
         if only and not relative(target, root / lang).as_posix().startswith(only):
             continue
         text = dumps(edition.notebook)
-        if write and (not target.is_file() or target.read_text(encoding="utf-8") != text):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
-        elif not write and (not target.is_file() or target.read_text(encoding="utf-8") != text):
-            lines.append(f"{name}: not what the generator writes (run python -m course_lib.i18n --lang {lang})")
+        if not target.is_file() or target.read_text(encoding="utf-8") != text:
+            if write:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text, encoding="utf-8")
+            else:
+                lines.append(f"{name}: not what the generator writes (run python -m course_lib.i18n --lang {lang})")
         if edition.missing:
             lines.append(f"{name}: {len(edition.missing)} Markdown cells not translated: {', '.join(edition.missing)}")
         if edition.stale:
@@ -236,7 +237,7 @@ def heading_ids(notebook: dict) -> set[str]:
 def broken_links(notebook: Path) -> list[str]:
     """The relative links in a notebook's Markdown whose file, or heading in a linked notebook, is not there."""
     cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
-    bad = []
+    bad, headings = [], {}  # headings: each linked notebook's anchors, read once however often it is linked
     for cell in cells:
         if cell["cell_type"] != "markdown":
             continue
@@ -247,8 +248,11 @@ def broken_links(notebook: Path) -> list[str]:
             file = (notebook.parent / path).resolve() if path else notebook
             if not file.exists():
                 bad.append(f"cell {cell['id']}: {target}: no such file")
-            elif anchor and file.suffix == ".ipynb" and anchor not in heading_ids(json.loads(file.read_text("utf-8"))):
-                bad.append(f"cell {cell['id']}: {target}: no heading '{anchor}' in {file.name}")
+            elif anchor and file.suffix == ".ipynb":
+                if file not in headings:
+                    headings[file] = heading_ids(json.loads(file.read_text(encoding="utf-8")))
+                if anchor not in headings[file]:
+                    bad.append(f"cell {cell['id']}: {target}: no heading '{anchor}' in {file.name}")
     return bad
 
 

@@ -12,6 +12,7 @@ from course_lib.i18n import (
     LINK,
     NOTEBOOKS,
     broken_links,
+    cell_text,
     en_sha,
     english_notebooks,
     notebook_lang,
@@ -61,10 +62,17 @@ def test_every_banner_has_the_english_banners_keys(lang):
     assert set(BANNER_KEYS[lang]) == {"Needs", "Builds", "Takes", "Words"}
 
 
-def test_a_change_to_english_code_or_prose_fails_until_regenerated_and_retranslated(tmp_path):
-    """Demonstrations on a copy of the course: the check catches both kinds of drift, and the generator fixes one."""
+@pytest.fixture
+def course_copy(tmp_path) -> Path:
+    """A copy of notebooks/ (both editions and the translations) to break on purpose."""
     root = tmp_path / "notebooks"
     shutil.copytree(NOTEBOOKS, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    return root
+
+
+def test_a_change_to_english_code_or_prose_fails_until_regenerated_and_retranslated(course_copy):
+    """Demonstrations on a copy of the course: the check catches both kinds of drift, and the generator fixes one."""
+    root = course_copy
     english = root / "05_finetune.ipynb"
     assert report("zh", root) == []
 
@@ -86,15 +94,14 @@ def test_a_change_to_english_code_or_prose_fails_until_regenerated_and_retransla
 
     path = translation_file("zh", english, root)
     entries = read_translations(path)
-    entries[prose["id"]] = {"en_sha": en_sha("".join(prose["source"])),
+    entries[prose["id"]] = {"en_sha": en_sha(cell_text(prose)),
                             "text": entries[prose["id"]]["text"] + "\n英文版新加的一句话，这里是它的译文。\n"}
     write_translations(path, english, entries, root)
     assert report("zh", root, write=True) == []
 
 
-def test_a_translation_that_loses_a_number_or_uses_an_avoided_word_is_reported(tmp_path):
-    root = tmp_path / "notebooks"
-    shutil.copytree(NOTEBOOKS, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+def test_a_translation_that_loses_a_number_or_uses_an_avoided_word_is_reported(course_copy):
+    root = course_copy
     english = root / "06_compare_train_types.ipynb"
     path = translation_file("zh", english, root)
     entries = read_translations(path)

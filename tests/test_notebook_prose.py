@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from course_lib.i18n import english_notebooks
+from course_lib.i18n import cell_text, english_notebooks
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = english_notebooks()  # the language editions carry the same numbers: tests/test_i18n.py
@@ -49,7 +49,7 @@ def untraceable(path: Path) -> list[str]:
     for cell in json.loads(path.read_text())["cells"]:
         if cell["cell_type"] != "markdown":
             continue
-        text = "".join(cell["source"])
+        text = cell_text(cell)
         cited = [src for name, src in SOURCES.items() if name in text or f"benchmarks/{name}" in text]
         for line in text.splitlines():
             if any(mark in line for mark in BANNER):

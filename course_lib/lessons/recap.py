@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from course_lib.i18n import BANNER_KEYS
+from course_lib.i18n import BANNER_KEYS, cell_text
 from course_lib.lessons.inspect_llava import COURSE
 from course_lib.training.checkpoints import SUMMARY
 
@@ -20,14 +20,14 @@ RUNS = {"pretrain": "04_pretrain", "finetune_use_lora": "05_finetune", "finetune
         "finetune_none": "05_finetune", "finetune_freeze_vision_11_epochs": "06_compare_train_types"}
 SCOREBOARD = ("compare_train_types.json", "06_compare_train_types")
 BANNER_LINE = re.compile(r"^> - \*\*(\w+)\*\*\s*(.*)$")
+ENGLISH_KEY = {word: key for words in BANNER_KEYS.values() for key, word in words.items()}  # 需要 -> Needs, ...
 
 
 def banner(notebook: str | Path) -> dict[str, str]:
     """The `> - **Needs** ...` lines of a notebook's first cell, as {"Needs": "...", "Builds": ..., ...}."""
     cells = json.loads(Path(notebook).read_text())["cells"]
-    lines = "".join(cells[0]["source"]).splitlines()
-    english = {word: key for words in BANNER_KEYS.values() for key, word in words.items()}  # notebooks/zh/ too
-    return {english.get(m.group(1), m.group(1)): m.group(2) for m in map(BANNER_LINE.match, lines) if m}
+    lines = cell_text(cells[0]).splitlines()
+    return {ENGLISH_KEY.get(m.group(1), m.group(1)): m.group(2) for m in map(BANNER_LINE.match, lines) if m}
 
 
 def course_recap(notebooks_dir: str | Path) -> list[dict]:
