@@ -202,6 +202,23 @@ def test_resume_auto_skips_checkpoints_cut_off_mid_save(bad):
     shutil.rmtree(whole)
 
 
+def test_a_lock_left_by_an_interrupted_op_build_is_removed_before_launch(bad, tmp_path, monkeypatch, capsys):
+    """An op build killed half-way (Ctrl-C during a first run's JIT build) leaves torch's lock file, and every
+    later run would wait on it forever, printing nothing. The check run_zero2.sh runs before launching removes
+    it and says so; a lock that a build at work holds open stays."""
+    root = tmp_path / "torch_extensions"
+    left, busy = root / "py311_cpu" / "deepspeed_shm_comm" / "lock", root / "other_op" / "lock"
+    for lock in (left, busy):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    argv = [a.format(out=tmp_path / "out", **bad) for a in _train("{eval}", "--check_only", "true")]
+    with open(busy):  # a builder holds its lock open until it deletes it
+        assert train.main(argv) == 0
+    assert not left.exists() and busy.exists()
+    assert f"removed {left}: left by an op build that was interrupted" in capsys.readouterr().out
+
+
 def test_corpus_covers_every_entry_point():
     assert {command for command, _, _ in CORPUS} == set(COMMANDS) and len(CORPUS) >= 40
 
