@@ -99,7 +99,9 @@ train() {  # train FLAGS...: validate in one process (one-line errors), then lau
   if [[ " ${flags[*]} " != *" --deepspeed "* && " ${flags[*]} " != *" --deepspeed="* ]]; then
     flags+=(--deepspeed "$HERE/configs/zero2.json")
   fi
-  "$PYTHON" -m course_lib.train --check_only true "${flags[@]}" || exit 2
+  local one_node=1  # the check removes leftover op-build locks only when no other node may share them
+  if (( NNODES > 1 )) || [[ -n "$HOSTFILE" ]]; then one_node=0; fi
+  COURSE_ONE_NODE="$one_node" "$PYTHON" -m course_lib.train --check_only true "${flags[@]}" || exit 2
   echo "[run_zero2] deepspeed ${launcher[*]} course_lib.train ${flags[*]}"
   "$PYTHON" -m deepspeed.launcher.runner "${launcher[@]}" --master_port "$MASTER_PORT" \
     --module --no_local_rank course_lib.train "${flags[@]}"

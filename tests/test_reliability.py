@@ -205,7 +205,8 @@ def test_resume_auto_skips_checkpoints_cut_off_mid_save(bad):
 def test_a_lock_left_by_an_interrupted_op_build_is_removed_before_launch(bad, tmp_path, monkeypatch, capsys):
     """An op build killed half-way (Ctrl-C during a first run's JIT build) leaves torch's lock file, and every
     later run would wait on it forever, printing nothing. The check run_zero2.sh runs before launching removes
-    it and says so; a lock that a build at work holds open stays."""
+    it and says so; a lock that a build at work holds open stays. On several nodes, which may share the folder
+    with a build elsewhere, the leftover is named and left in place."""
     root = tmp_path / "torch_extensions"
     left, busy = root / "py311_cpu" / "deepspeed_shm_comm" / "lock", root / "other_op" / "lock"
     for lock in (left, busy):
@@ -214,6 +215,10 @@ def test_a_lock_left_by_an_interrupted_op_build_is_removed_before_launch(bad, tm
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
     argv = [a.format(out=tmp_path / "out", **bad) for a in _train("{eval}", "--check_only", "true")]
     with open(busy):  # a builder holds its lock open until it deletes it
+        monkeypatch.setenv("COURSE_ONE_NODE", "0")  # run_zero2.sh with NNODES > 1 or a hostfile
+        assert train.main(argv) == 0
+        assert left.exists() and f"{left}: no process on this node has it open" in capsys.readouterr().out
+        monkeypatch.setenv("COURSE_ONE_NODE", "1")
         assert train.main(argv) == 0
     assert not left.exists() and busy.exists()
     assert f"removed {left}: left by an op build that was interrupted" in capsys.readouterr().out

@@ -5,7 +5,9 @@ about a minute). torch guards each build folder with a `lock` file (`torch.utils
 the builder creates it, keeps it open and deletes it when done; every other process waits while it exists.
 A build killed half-way (Ctrl-C, an interrupted kernel, a timeout) leaves the file behind, and every later
 run then waits on it forever, printing nothing. On Linux a lock file that no process has open is such a
-leftover: the builder holds its file open from the moment it creates it until it deletes it.
+leftover: the builder holds its file open from the moment it creates it until it deletes it. Only this
+machine's processes can be asked, though: where several nodes share a home folder, a lock may belong to a build
+on another node, so `run_zero2.sh` removes leftovers only when it runs on one node, and names them otherwise.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ def open_files(proc: Path = PROC) -> set[str]:
     return held
 
 
-def clear_stale_build_locks(root: str | Path | None = None) -> list[Path]:
-    """Delete the build locks under `root` (torch's build folder) that no process has open; return them.
-    Does nothing where there is no /proc to ask (a lock is then left to torch, as before)."""
+def stale_build_locks(root: str | Path | None = None) -> list[Path]:
+    """The build locks under `root` (torch's build folder) that no process of this machine has open. Empty
+    where there is no /proc to ask (a lock is then left to torch, as before)."""
     if not (PROC / "self" / "fd").is_dir():
         return []
     root = Path(root) if root is not None else build_root()
@@ -47,7 +49,4 @@ def clear_stale_build_locks(root: str | Path | None = None) -> list[Path]:
     if not locks:
         return []
     held = open_files()
-    stale = [lock for lock in locks if str(lock.resolve()) not in held]
-    for lock in stale:
-        lock.unlink(missing_ok=True)
-    return stale
+    return [lock for lock in locks if str(lock.resolve()) not in held]
