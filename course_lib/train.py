@@ -25,7 +25,7 @@ from course_lib.data.index import check_records
 from course_lib.lessons.scoreboard import plot_loss_curves
 from course_lib.model.packed_attention import use_for_packing
 from course_lib.training.arguments import check_tiling_fits, log, parse_args, precision
-from course_lib.training.build_locks import stale_build_locks
+from course_lib.training.build_locks import clear_stale_build_locks
 from course_lib.training.checkpoints import (
     SUMMARY,
     check_resume,
@@ -51,14 +51,10 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
     check_resume(targs.resume_from_checkpoint)
     if margs.check_only:  # run_zero2.sh, before launching ranks that would each print the same error
         check_records(dargs.data_path, dargs.image_folder)
-        for lock in stale_build_locks():  # or the ranks would wait on it forever, printing nothing
-            if os.environ.get("COURSE_ONE_NODE", "1") == "1":
-                lock.unlink(missing_ok=True)
-                log(f"removed {lock}: left by an op build that was interrupted (no process has it open); "
-                    "the op is built again if needed")
-            else:  # another node sharing this folder may be building: name it, do not touch it
-                log(f"{lock}: no process on this node has it open; unless a build is running on another node, "
-                    "delete it, or the ranks will wait on it forever")
+        # A leftover op-build lock would make the ranks wait forever, printing nothing (run_zero2.sh says
+        # whether other nodes may share the build folder).
+        for line in clear_stale_build_locks(one_node=os.environ.get("COURSE_ONE_NODE", "1") == "1"):
+            log(line)
         return {}
     recipe = recipe_of(argv)  # before training: the fingerprint of the folder it starts from, as it is now
     from course_lib.data.collators import PackedCollator, PaddedCollator

@@ -28,10 +28,10 @@ def build_root() -> Path:
     return Path(get_default_build_root())
 
 
-def open_files(proc: Path = PROC) -> set[str]:
+def open_files() -> set[str]:
     """The paths of the files that this machine's processes (those we may look at) have open."""
     held = set()
-    for fd in proc.glob("[0-9]*/fd/*"):
+    for fd in PROC.glob("[0-9]*/fd/*"):
         try:
             held.add(os.readlink(fd))
         except OSError:  # the process or the descriptor went away, or belongs to another user
@@ -50,3 +50,17 @@ def stale_build_locks(root: str | Path | None = None) -> list[Path]:
         return []
     held = open_files()
     return [lock for lock in locks if str(lock.resolve()) not in held]
+
+
+def clear_stale_build_locks(one_node: bool) -> list[str]:
+    """Remove the leftover locks (on one node) or only name them (several nodes); one line for each."""
+    lines = []
+    for lock in stale_build_locks():
+        if one_node:
+            lock.unlink(missing_ok=True)
+            lines.append(f"removed {lock}: left by an op build that was interrupted (no process has it open); "
+                         "the op is built again if needed")
+        else:  # another node sharing this folder may be building: name it, do not touch it
+            lines.append(f"{lock}: no process on this node has it open; unless a build is running on another node, "
+                         "delete it, or the ranks will wait on it forever")
+    return lines
