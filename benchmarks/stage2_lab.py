@@ -7,7 +7,7 @@
 It answers "is it the vision features or the language model?" in minutes instead of a full run. The
 frozen CLIP's layer -2 patch features (LLaVA's default) are computed once; a fresh LLaVA-1.5 MLP projector
 and the world's Qwen2 LM then train on the instruct set (all turns, loss on the answers only, ChatML with
-Qwen's default system prompt), and every `--eval_every` steps it answers the held-out set greedily, scored
+no default system prompt), and every `--eval_every` steps it answers the held-out set greedily, scored
 like `course_lib.eval`, with the single-image types also split by the number of objects (`shape@3`).
 
 `--features oracle` replaces each token's CLIP feature by what it should know: one-hots of the colour and
@@ -46,7 +46,7 @@ def _images(record: dict) -> list[str]:
 
 
 def encode_record(encoder: PromptEncoder, part: str, record: dict, n_img: int, train: bool):
-    """The course's own encoding (ChatML with Qwen's default system prompt, loss on the answers only), with
+    """The course's own encoding (ChatML without a default system prompt, loss on the answers only), with
     each image's run of image tokens turned into a slot the lab fills with projected features."""
     sample = to_sample(record, 0)
     if train:

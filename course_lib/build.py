@@ -141,6 +141,8 @@ def build_llava(vision: str, llm: str, out: str | Path | None = None, *, seed: i
         # Added to, not replacing, the checkpoint's own special tokens (Qwen2.5 lists 13 more, <|im_start|> among them).
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
     tokenizer.pad_token = "<|endoftext|>"  # Qwen's padding token; never <|im_end|>, which carries loss
+    # The tokenizer renders what the processor renders (the training data is encoded with the tokenizer's).
+    tokenizer.chat_template = LLAVA_QWEN_TEMPLATE
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     torch_dtype = _torch_dtype(dtype, text_config)

@@ -64,11 +64,16 @@ def test_round_trip_gives_identical_outputs_and_no_missing_keys(tiny_world, empt
         assert torch.equal(model(**inputs).logits, loaded.eval()(**inputs).logits)
 
 
-def test_processor_template_matches_the_tokenizer_template(empty_llava):
-    _, _, processor = empty_llava
+def test_processor_template_matches_the_tokenizer_template_and_writes_no_default_system(empty_llava):
+    path, _, processor = empty_llava
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     as_list = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in msgs]
-    assert processor.apply_chat_template(as_list) == processor.tokenizer.apply_chat_template(msgs, tokenize=False)
+    chatml = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    loaded = AutoTokenizer.from_pretrained(path)
+    for tokenizer in (processor.tokenizer, loaded):
+        assert processor.apply_chat_template(as_list) == tokenizer.apply_chat_template(msgs, tokenize=False) == chatml
+    system = [{"role": "system", "content": "Be brief."}, *msgs]
+    assert loaded.apply_chat_template(system, tokenize=False) == "<|im_start|>system\nBe brief.<|im_end|>\n" + chatml
 
 
 @pytest.fixture(scope="module")

@@ -159,14 +159,15 @@ def test_dataset_words_come_from_the_data_path_model():
     assert mix.rounds == pytest.approx(sum(c * r for c, r, _ in rows.values()) / total, abs=0.01)
 
 
-def test_chat_template_tokens_are_qwen2_5s():
+def test_chat_template_tokens_are_the_llava_templates_with_qwen2_5s_tokenizer():
+    from course_lib.model.chat_template import LLAVA_QWEN_TEMPLATE
     from course_lib.world.real_shaped import qwen2_5_tokenizer
 
     tokenizer = qwen2_5_tokenizer()
     turn = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]  # 1 token each
     for rounds in (1, 3):
-        ids = tokenizer(tokenizer.apply_chat_template(turn * rounds, tokenize=False))["input_ids"]
-        assert len(ids) == gp.CHAT_SYSTEM_TOKENS + rounds * (gp.CHAT_ROUND_TOKENS + 2)
+        text = tokenizer.apply_chat_template(turn * rounds, chat_template=LLAVA_QWEN_TEMPLATE, tokenize=False)
+        assert len(tokenizer(text)["input_ids"]) == rounds * (gp.CHAT_ROUND_TOKENS + 2)
 
 
 def test_the_real_commands_parse(tmp_path):

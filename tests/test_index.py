@@ -48,8 +48,8 @@ def test_lengths_are_measured_once_then_read_from_the_index(small_set, processor
 def test_a_changed_file_or_setting_gets_its_own_index(small_set, processor):
     data, records, images = small_set
     LlavaDataset(data, processor, image_folder=images, template="chat")
-    short = LlavaDataset(data, processor, image_folder=images, template="chat", model_max_length=48)
-    assert short.lengths == _lengths_by_hand(records, processor, 48) and short.stats["dropped_too_long"] > 0
+    short = LlavaDataset(data, processor, image_folder=images, template="chat", model_max_length=28)
+    assert short.lengths == _lengths_by_hand(records, processor, 28) and short.stats["dropped_too_long"] > 0
     folders = list(index.cache_root().iterdir())
     assert len(folders) == 1 and len(list(folders[0].glob("lengths-*.arrow"))) == 2
     data.write_text(json.dumps(records[:150]))  # the file changes: its records are indexed again

@@ -174,9 +174,10 @@ def saved_bytes(model: torch.nn.Module, **inputs) -> int:
 # --- Data, FLOPs and time ---------------------------------------------------------------------------------
 
 TOKENS_PER_WORD = 4 / 3  # English BPE text, OpenAI's rule of thumb (0.75 words per token)
-# Qwen2.5's chat template, counted with the real tokenizer (`course_lib.world.real_shaped.qwen2_5_tokenizer`,
-# tests/test_gpu_plan.py): the default system turn, then <|im_start|>role\n ... <|im_end|>\n around each turn.
-CHAT_SYSTEM_TOKENS, CHAT_ROUND_TOKENS = 21, 10
+# The LLaVA chat template, counted with the real tokenizer (`course_lib.world.real_shaped.qwen2_5_tokenizer`,
+# tests/test_gpu_plan.py): <|im_start|>role\n ... <|im_end|>\n around each turn, and no system turn (the data has
+# none, and the template adds no default one).
+CHAT_ROUND_TOKENS = 10
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class Dataset:
 
     @property
     def text_tokens(self) -> float:
-        template = CHAT_SYSTEM_TOKENS + CHAT_ROUND_TOKENS * self.rounds if self.rounds else 1
+        template = CHAT_ROUND_TOKENS * self.rounds if self.rounds else 1
         return self.words * TOKENS_PER_WORD + template
 
     @property

@@ -2,8 +2,8 @@
 
 QWEN2_5_TEMPLATE is the template shipped in Qwen/Qwen2.5-*-Instruct's tokenizer_config.json; the tiny
 tokenizer carries it unchanged so the tiny world formats prompts exactly like the real model.
-LLAVA_QWEN_TEMPLATE renders the same ChatML text, but also accepts the processor's message format
-(`content` as a list of {"type": "image"} / {"type": "text"} items), writing `<image>` for each image.
+LLAVA_QWEN_TEMPLATE renders ChatML too, but also accepts the processor's message format (`content` as a list of
+{"type": "image"} / {"type": "text"} items), writing `<image>` for each image, and writes no default system block.
 """
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -69,8 +69,11 @@ QWEN2_5_TEMPLATE = (
     "{%- endif %}\n"
 )
 
-# Same ChatML text; list contents are flattened, each image item becoming `<image>\n` (LLaVA's
-# convention of the placeholder on its own line before the text).
+# ChatML like Qwen's, with two differences. List contents are flattened, each image item becoming `<image>\n`
+# (LLaVA's convention of the placeholder on its own line before the text). And no default system block: a system
+# turn is written only when the conversation has one, as llava-hf's LLaVA-OneVision (Qwen2) template does. Qwen's
+# default block is 20 tokens of every sample: 27% of a tiny-world sample, 3% of a real one (576 image tokens), and
+# the tiny stage-2 run is 1.18-1.28x faster without it (benchmarks/RESULTS.md, issue 19, session 18).
 LLAVA_QWEN_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{- content -}}"
@@ -79,15 +82,8 @@ LLAVA_QWEN_TEMPLATE = (
     "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{{- '<|im_start|>system\\n' + render(messages[0]['content']) + '<|im_end|>\\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>system\\n" + QWEN_DEFAULT_SYSTEM + "<|im_end|>\\n' -}}"
-    "{%- endif -%}"
     "{%- for message in messages -%}"
-    "{%- if not (message['role'] == 'system' and loop.first) -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + render(message['content']) + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
