@@ -148,6 +148,11 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
 @command
 def main(argv: list[str] | None = None) -> int:
     run(sys.argv[1:] if argv is None else argv)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # every rank done, then a clean shutdown: a rank that exits with its process group
+        dist.barrier()  # alive can die in the group's destructor ("terminate called", exit code 250, seen once)
+        dist.destroy_process_group()
     return 0
 
 
