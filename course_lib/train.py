@@ -148,13 +148,22 @@ def run(argv: list[str], callbacks: list | None = None) -> dict:
 @command
 def main(argv: list[str] | None = None) -> int:
     run(sys.argv[1:] if argv is None else argv)
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # every rank done, then a clean shutdown: a rank that exits with its process group
-        dist.barrier()  # alive can die in the group's destructor ("terminate called", exit code 250, seen once)
-        dist.destroy_process_group()
     return 0
 
 
+def _shut_down_ranks() -> None:
+    """Every rank done, then a clean shutdown: a rank that exits with its process group alive can die in the
+    group's destructor ("terminate called without an active exception", exit code 250; seen once). Only for a
+    launched rank: in-process callers (the tests) keep their process group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 0:
+        _shut_down_ranks()
+    sys.exit(code)
