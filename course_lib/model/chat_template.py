@@ -72,7 +72,7 @@ QWEN2_5_TEMPLATE = (
 # ChatML like Qwen's, with two differences. List contents are flattened, each image item becoming `<image>\n`
 # (LLaVA's convention of the placeholder on its own line before the text). And no default system block: a system
 # turn is written only when the conversation has one, as llava-hf's LLaVA-OneVision (Qwen2) template does. Qwen's
-# default block is 20 tokens of every sample: 27% of a tiny-world sample, 3% of a real one (576 image tokens), and
+# default block is 20 tokens of every sample: 27% of a tiny-world sample, 2-3% of a real one (576 image tokens), and
 # the tiny stage-2 run is 1.18-1.28x faster without it (benchmarks/RESULTS.md, issue 19, session 18).
 LLAVA_QWEN_TEMPLATE = (
     "{%- macro render(content) -%}"
