@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -268,14 +269,17 @@ def test_run_zero2_two_cpu_ranks_saves_a_loadable_model(empty_llava, small_data,
 
     folder, _, _ = empty_llava
     (tmp_path / "zero2.json").write_text(json.dumps(LLAVA_ZERO2))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_PROCS": "2"}
+    with socket.socket() as s:  # the port names this run's shared-memory buffers, not those of other DeepSpeed jobs
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_PROCS": "2",
+           "MASTER_PORT": str(port)}
     cmd = ["bash", str(REPO / "run_zero2.sh"), "--stage", "pretrain", "--model_name_or_path", str(folder),
            *small_data["pretrain"], "--output_dir", str(tmp_path / "ds"), *FAST, "--bf16", "true",
            "--deepspeed", str(tmp_path / "zero2.json")]
-    shm = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm  # DeepSpeed's 2 x 67 MB, removed
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # DeepSpeed's 2 x 67 MB, removed
     assert "training starts" in proc.stdout  # the launch reports its start-up time
     out = tmp_path / "ds"
     model = LlavaForConditionalGeneration.from_pretrained(out)
