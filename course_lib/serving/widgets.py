@@ -124,15 +124,20 @@ class ChatUI:
                                                  max_height="480px", overflow="auto"))
         self.thumbnails = w.HBox()
         self.upload = w.FileUpload(accept="image/*", multiple=True, description=self.text["images"])
-        self.message = w.Textarea(placeholder=self.text["placeholder"], rows=2,
+        # The inputs that Send reads sync their value once, when they lose focus (the click on Send does that),
+        # not at every keystroke or drag step. While the kernel is busy, ipywidgets holds back a model's later
+        # updates until it is idle (its message throttling), but the click goes out at once: with continuous
+        # updates a fast Send can read a half-typed message (the likely cause of the browser test's timeouts with
+        # the machine under load: benchmarks/RESULTS.md, session 19).
+        self.message = w.Textarea(placeholder=self.text["placeholder"], rows=2, continuous_update=False,
                                   layout=w.Layout(width="50%"))
         self.send = w.Button(description=self.text["send"], button_style="primary")
         self.clear = w.Button(description=self.text["clear"])
         wide_label = {"description_width": "initial"}
         self.temperature = w.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.05, description=self.text["temperature"],
-                                         tooltip=self.text["greedy"], style=wide_label)
+                                         tooltip=self.text["greedy"], style=wide_label, continuous_update=False)
         self.max_new_tokens = w.IntSlider(value=64, min=1, max=512, description=self.text["max_new_tokens"],
-                                          style=wide_label)
+                                          style=wide_label, continuous_update=False)
         self.widget = w.VBox([
             w.HBox([self.picker, self.status]), self.transcript, self.thumbnails,
             w.HBox([self.upload, self.message, self.send, self.clear]),
