@@ -135,6 +135,7 @@ def _upload(driver, path: Path) -> None:
 
 
 def test_upload_ask_and_read_the_streamed_answer(voila_app, browser, empty_llava, tiny_world, tmp_path):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -159,7 +160,11 @@ def test_upload_ask_and_read_the_streamed_answer(voila_app, browser, empty_llava
     browser.find_element(By.CSS_SELECTOR, ".llava-message textarea").send_keys(question)
     browser.find_element(By.CSS_SELECTOR, ".llava-send button, button.llava-send").click()
     transcript = browser.find_element(By.CSS_SELECTOR, ".llava-transcript")
-    wait.until(lambda d: f"LLaVA: {expected}" in transcript.text and "You: " + question in transcript.text)
+    try:
+        wait.until(lambda d: f"LLaVA: {expected}" in transcript.text and "You: " + question in transcript.text)
+    except TimeoutException:
+        raise AssertionError(f"expected 'You: {question}' and 'LLaVA: {expected}'; the transcript shows "
+                             f"{transcript.text!r}") from None
 
     assert len(transcript.find_elements(By.TAG_NAME, "img")) == 1  # the uploaded image, above the question
     assert not browser.find_elements(By.CSS_SELECTOR, ".llava-thumbnails img")  # sent, so the strip is empty

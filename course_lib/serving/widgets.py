@@ -127,8 +127,8 @@ class ChatUI:
         # The inputs that Send reads sync their value once, when they lose focus (the click on Send does that),
         # not at every keystroke or drag step. While the kernel is busy, ipywidgets holds back a model's later
         # updates until it is idle (its message throttling), but the click goes out at once: with continuous
-        # updates a fast Send can read a half-typed message (the likely cause of the browser test's timeouts with
-        # the machine under load: benchmarks/RESULTS.md, session 19).
+        # updates a fast Send can read a half-typed message (a suspect for the browser test's timeouts with the
+        # machine under load, not reproduced on demand: benchmarks/RESULTS.md, session 19).
         self.message = w.Textarea(placeholder=self.text["placeholder"], rows=2, continuous_update=False,
                                   layout=w.Layout(width="50%"))
         self.send = w.Button(description=self.text["send"], button_style="primary")
