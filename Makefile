@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    train the tiny world end to end (the main job)
-#   make test   lint + the whole test suite, notebooks included
+#   make test   lint + the whole test suite, notebooks included (two lanes side by side: tests/lanes.sh)
 #   make test-fast  lint + the unit tests only: no notebooks, browser, launcher or long training tests
 PYTHON ?= python3
 VENV   ?= .venv
@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests notebooks --nbmake --nbmake-timeout=3600
+	PATH="$(abspath $(BIN)):$$PATH" bash tests/lanes.sh
 
 # The quick lane for development: deselects the slow markers registered in pyproject.toml.
 test-fast: lint

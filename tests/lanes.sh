@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# `make test`'s suite in two pytest processes side by side, each pinned to its half of the CPU cores: an experiment
-# for issue 19, NOT what `make test` runs (benchmarks/RESULTS.md, "make test in two lanes side by side": 30 min 59 s
-# against 36 min 47 s for the single lane, and the browser test timed out in it). Run from a clean clone with
-# `.venv` installed: PATH="$PWD/.venv/bin:$PATH" bash benchmarks/lanes.sh
+# `make test`: the whole suite in two pytest processes side by side, each pinned to its half of the CPU cores.
 #   notebooks lane: the notebooks and their solutions, in order (05 reads 04's runs, 06 05's, 07 and 11 06's)
 #   tests lane:     tests/, and notebooks 08 and 09, which read no runs
-# Pinned, because two lanes on the same cores make a 2-thread training step wait at every parallel region for its
-# thread that the other lane preempted. Each launch sizes its threads to its lane's cores (`nproc`, torch and
-# run_zero2.sh follow the affinity), so the training runs compute on fewer threads than in `make test`.
+# Why: one pytest process left a core idle about a quarter of the time (pip building the side venvs, servers
+# starting, imports, single-threaded Python): 37 min 16 s in one lane, 26 min 22 s in two (benchmarks/RESULTS.md,
+# session 19). Pinned, because two lanes on the same cores make a 2-thread training step wait at every parallel
+# region for its thread that the other lane preempted. Each launch sizes its threads to its lane's cores (`nproc`,
+# torch and run_zero2.sh follow the affinity): on 2 cores every training run in `make test` uses 1 thread, where a
+# learner's notebook uses 2 (the same recipe, another draw: notebook 06 scores 94.7% here, 91.3% on 2 threads).
+# With one core there is one lane. The tests lane prints as it goes; the notebooks lane writes a log, printed (and
+# then followed) after.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"  # as tests/conftest.py sets it for `make test`
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"  # the notebooks lane does not load tests/conftest.py, which sets it
 
 # Both lanes need the tiny world: build it (or find it in the cache) once, first, on every core.
 python -m course_lib.tiny_world >/dev/null || exit 1
