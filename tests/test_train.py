@@ -259,6 +259,12 @@ LLAVA_ZERO2 = {"fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window":
                                      "sub_group_size": 1e9, "reduce_bucket_size": "auto"}}
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.launcher
 def test_run_zero2_two_cpu_ranks_saves_a_loadable_model(empty_llava, small_data, tmp_path):
     """The real launcher: DeepSpeed ZeRO-2, 2 CPU ranks, LLaVA's own zero2.json and a GPU-style command
@@ -269,9 +275,7 @@ def test_run_zero2_two_cpu_ranks_saves_a_loadable_model(empty_llava, small_data,
 
     folder, _, _ = empty_llava
     (tmp_path / "zero2.json").write_text(json.dumps(LLAVA_ZERO2))
-    with socket.socket() as s:  # the port names this run's shared-memory buffers, not those of other DeepSpeed jobs
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()  # it names this run's shared-memory buffers, not those of other DeepSpeed jobs
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_PROCS": "2",
            "MASTER_PORT": str(port)}
     cmd = ["bash", str(REPO / "run_zero2.sh"), "--stage", "pretrain", "--model_name_or_path", str(folder),
@@ -322,14 +326,10 @@ def _trained(args: list[str], output_dir: Path, **env: str) -> str:
 def test_two_nodes_train_exactly_as_one_node_with_two_ranks(empty_llava, small_data, tmp_path):
     """NNODES=2 on 127.0.0.1, one rank per "node", launched as two processes with NODE_RANK 0 and 1 (as srun
     does), against NUM_PROCS=2 on one node: the same stage-1 projector, bit for bit."""
-    import socket
-
     from safetensors.torch import load_file
 
     folder, _, _ = empty_llava
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(_free_port())
     args = ["--stage", "pretrain", "--model_name_or_path", str(folder), *small_data["pretrain"], *FAST]
     nodes = [_launch(args, tmp_path / "nodes", NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=port, NUM_PROCS="1") for r in (0, 1)]
